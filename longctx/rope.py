@@ -1,0 +1,199 @@
+"""Rotary position embeddings: one frequency function per `rope_type`, one registry, cos/sin, rotation.
+
+Every function has HF's shape `(config, device=None, seq_len=None) -> (inv_freq[head_dim // 2], attention_scaling)`.
+Formulas: `reference/methods.md` §1–10. `attention_scaling` multiplies cos and sin (so q·k × scaling², YaRN §10).
+"""
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from .configuration_longctx import LongCtxConfig, original_max_positions
+
+
+def _default_inv_freq(base: float, dim: int, device=None) -> torch.Tensor:
+    """inv_freq[i] = b^{-2i/d} (methods.md §1)."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    return 1.0 / (base ** exponents)
+
+
+def _params(config):
+    rope = config.rope_parameters
+    return rope, float(rope["rope_theta"]), config.head_dim
+
+
+def default_rope(config, device=None, seq_len=None):
+    """Plain RoPE (methods.md §1)."""
+    _, base, dim = _params(config)
+    return _default_inv_freq(base, dim, device), 1.0
+
+
+def linear_rope(config, device=None, seq_len=None):
+    """Position interpolation: inv_freq / k (methods.md §2)."""
+    rope, base, dim = _params(config)
+    return _default_inv_freq(base, dim, device) / rope["factor"], 1.0
+
+
+def ntk_rope(config, device=None, seq_len=None):
+    """NTK-aware scaled RoPE: base b·k^{d/(d−2)} (methods.md §3)."""
+    rope, base, dim = _params(config)
+    return _default_inv_freq(base * rope["factor"] ** (dim / (dim - 2)), dim, device), 1.0
+
+
+def ntk_fixed_rope(config, device=None, seq_len=None):
+    """Su's NTK-RoPE-fixed: inv_freq[i] = (b·k)^{-2i/d} · k^{-2/d} (methods.md §4)."""
+    rope, base, dim = _params(config)
+    k = rope["factor"]
+    return _default_inv_freq(base * k, dim, device) * k ** (-2.0 / dim), 1.0
+
+
+def ntk_mixed_rope(config, device=None, seq_len=None):
+    """Su's β-base mixed NTK: inv_freq[i] = b^{-2i/d}·exp(−a(i+1)^e), a = ln k/(d/2)^e (methods.md §5)."""
+    rope, base, dim = _params(config)
+    k, exponent = rope["factor"], rope.get("mixed_exponent", 0.625)
+    a = math.log(k) / (dim / 2) ** exponent
+    pair = torch.arange(1, dim // 2 + 1, dtype=torch.float64, device=device)
+    return _default_inv_freq(base, dim, device) * torch.exp(-a * pair**exponent).float(), 1.0
+
+
+def dynamic_rope(config, device=None, seq_len=None):
+    """Dynamic NTK: base b·(k·l/L − (k−1))^{d/(d−2)} for the current length l > L_train (methods.md §10)."""
+    rope, base, dim = _params(config)
+    train_len = original_max_positions(config)
+    seq_len = max(seq_len or train_len, train_len)
+    base = base * ((rope["factor"] * seq_len / train_len) - (rope["factor"] - 1)) ** (dim / (dim - 2))
+    return _default_inv_freq(base, dim, device), 1.0
+
+
+def yarn_rope(config, device=None, seq_len=None):
+    """YaRN: NTK-by-parts ramp between PI and extrapolation, plus mscale = 0.1 ln k + 1 (methods.md §10)."""
+    rope, base, dim = _params(config)
+    factor, train_len = rope["factor"], original_max_positions(config)
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        if rope.get("mscale") and rope.get("mscale_all_dim"):
+            attention_factor = mscale(factor, rope["mscale"]) / mscale(factor, rope["mscale_all_dim"])
+        else:
+            attention_factor = mscale(factor)
+
+    def correction_dim(rotations):  # the pair index whose wavelength fits `rotations` times into L_train
+        return dim * math.log(train_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(rope.get("beta_fast", 32)), correction_dim(rope.get("beta_slow", 1))
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    extrapolation = _default_inv_freq(base, dim, device)
+    interpolation = extrapolation / factor
+    return interpolation * ramp + extrapolation * (1 - ramp), float(attention_factor)
+
+
+def llama3_rope(config, device=None, seq_len=None):
+    """Llama-3.1 scaling: keep high frequencies, divide low ones by k, blend between (HF's llama3)."""
+    rope, base, dim = _params(config)
+    factor, train_len = rope["factor"], rope["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = train_len / rope["low_freq_factor"], train_len / rope["high_freq_factor"]
+    inv_freq = _default_inv_freq(base, dim, device)
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (train_len / wavelen - rope["low_freq_factor"]) / (rope["high_freq_factor"] - rope["low_freq_factor"])
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, blended, scaled), 1.0
+
+
+# ReRoPE and Leaky ReRoPE keep plain frequencies; the relative-position remapping lives in the attention (§8).
+ROPE_INIT_FUNCTIONS = {
+    "default": default_rope,
+    "linear": linear_rope,
+    "ntk": ntk_rope,
+    "ntk-fixed": ntk_fixed_rope,
+    "ntk-mixed": ntk_mixed_rope,
+    "dynamic": dynamic_rope,
+    "yarn": yarn_rope,
+    "llama3": llama3_rope,
+    "rerope": default_rope,
+    "leaky-rerope": default_rope,
+}
+
+
+def compute_inv_freq(config, seq_len=None):
+    """The frequency table and attention scaling of `config.rope_parameters` (`seq_len` matters for `dynamic`)."""
+    return ROPE_INIT_FUNCTIONS[config.rope_parameters["rope_type"]](config, None, seq_len)
+
+
+class LongCtxRotaryEmbedding(nn.Module):
+    """cos/sin for given positions. The table is recomputed from the config, never stored in a buffer.
+
+    transformers 5.x refills non-persistent buffers with garbage on `from_pretrained` (anchors.md §1.5); keeping
+    the table as a plain cache keyed by device sidesteps that trap. `reset()` drops it after `set_rope`.
+    """
+
+    def __init__(self, config: LongCtxConfig):
+        super().__init__()
+        self.config = config
+        self._cache: dict = {}
+
+    def reset(self):
+        self._cache.clear()
+
+    def inv_freq(self, device, seq_len=None):
+        """(inv_freq, attention_scaling) on `device`; `dynamic` depends on the sequence length."""
+        is_dynamic = self.config.rope_parameters["rope_type"] == "dynamic"
+        key = (str(device), seq_len if is_dynamic else None)
+        if key not in self._cache:
+            if is_dynamic and len(self._cache) > 64:
+                self._cache.clear()
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.config.rope_parameters["rope_type"]](self.config, None, seq_len)
+            self._cache[key] = (inv_freq.to(device), scaling)
+        return self._cache[key]
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype, seq_len=None):
+        """position_ids (batch, seq) -> cos, sin (batch, seq, head_dim), computed in float32, cast to `dtype`."""
+        inv_freq, scaling = self.inv_freq(position_ids.device, seq_len)
+        freqs = position_ids[..., None].float() * inv_freq  # (batch, seq, head_dim // 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+def rotate_half(x):
+    """Rotates half the hidden dims of the input (GPT-NeoX / HF convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x, cos, sin):
+    """x (batch, heads, seq, head_dim) rotated by cos/sin (batch, seq, head_dim)."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def set_rope(model, rope_parameters=None, logn_scaling=None):
+    """Switch a loaded model's position scheme in place: no weight change, no reload. Returns the model.
+
+    The new values are validated exactly as at construction; on error the model is left unchanged.
+    """
+    config = model.config
+    candidate = copy.deepcopy(config.to_dict())
+    for key in ("auto_map", "architectures", "transformers_version", "model_type", "layer_types"):
+        candidate.pop(key, None)
+    if rope_parameters is not None:
+        candidate["rope_parameters"] = dict(rope_parameters)
+    if logn_scaling is not None:
+        candidate["logn_scaling"] = logn_scaling
+    checked = LongCtxConfig(**candidate)  # raises ValueError naming the bad field
+    config.rope_parameters = checked.rope_parameters
+    config.logn_scaling = checked.logn_scaling
+    for module in model.modules():
+        if isinstance(module, LongCtxRotaryEmbedding):
+            module.reset()
+    return model

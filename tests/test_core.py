@@ -1,0 +1,223 @@
+"""Core package (issue 2): Llama parity, cache, padding, save/load without longctx, clear errors."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import tiny_config_kwargs
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from longctx import LongCtxConfig, LongCtxForCausalLM
+from longctx.attention import AttentionMask
+from longctx.convert import from_llama
+
+
+def random_llama(tie=False, attn="eager", seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = LlamaConfig(**tiny_config_kwargs(tie_word_embeddings=tie, **overrides))
+    config._attn_implementation = attn
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # non-trivial norms so a mix-up of norm weights would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def tiny_model(seed=0, attn="sdpa", **overrides):
+    torch.manual_seed(seed)
+    config = LongCtxConfig(**tiny_config_kwargs(**overrides))
+    config._attn_implementation = attn
+    return LongCtxForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_from_llama_matches_llama_logits_and_generation(tie, attn):
+    llama = random_llama(tie=tie, attn=attn)
+    model = from_llama(llama)
+    model.set_attn_implementation(attn)
+    assert model.config._attn_implementation == attn
+    ids = torch.randint(0, 128, (2, 40))
+    with torch.no_grad():
+        expected, got = llama(ids).logits, model(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    if tie:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    gen_kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids[:, :8], **gen_kwargs), llama.generate(ids[:, :8], **gen_kwargs))
+
+
+def test_loss_is_next_token_cross_entropy_ignoring_minus_100():
+    model = tiny_model()
+    ids = torch.randint(0, 128, (2, 16))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    out = model(ids, labels=labels)
+    logits = out.logits[:, :-1].reshape(-1, 128)
+    target = labels[:, 1:].reshape(-1)
+    keep = target != -100
+    manual = -torch.log_softmax(logits[keep], -1).gather(1, target[keep, None]).mean()
+    torch.testing.assert_close(out.loss, manual)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_cached_decoding_equals_full_forward(attn):
+    model = tiny_model(attn=attn)
+    ids = torch.randint(0, 128, (2, 24))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :10], use_cache=True)  # prefill, then one token at a time
+        steps = [out.logits]
+        cache = out.past_key_values
+        for t in range(10, 24):
+            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_left_padded_batch_equals_each_sequence_alone(attn):
+    model = tiny_model(attn=attn)
+    lengths = [12, 7, 3]
+    seqs = [torch.randint(1, 128, (n,)) for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):], mask[i, width - len(s):] = s, 1
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask).logits
+        for i, s in enumerate(seqs):
+            alone = model(s[None]).logits
+            torch.testing.assert_close(batched[i, width - len(s):], alone[0], atol=1e-5, rtol=1e-5)
+        # generation from the padded batch continues each sequence as if alone
+        gen = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        for i, s in enumerate(seqs):
+            alone = model.generate(s[None], max_new_tokens=6, do_sample=False, pad_token_id=0)
+            assert torch.equal(gen[i, width:], alone[0, len(s):])
+
+
+def test_right_padding_leaves_real_tokens_unchanged():
+    model = tiny_model()
+    ids = torch.randint(1, 128, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask).logits
+        alone = model(ids[1:, :6]).logits
+    torch.testing.assert_close(padded[1, :6], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_causal_path_builds_no_dense_mask(monkeypatch):
+    built = []
+    original = AttentionMask.dense
+    monkeypatch.setattr(AttentionMask, "dense", lambda self, device: built.append(1) or original(self, device))
+    model = tiny_model(attn="sdpa")
+    with torch.no_grad():
+        model(torch.randint(0, 128, (1, 200)), attention_mask=torch.ones(1, 200, dtype=torch.long))  # > max positions
+    assert built == []
+
+
+def test_inputs_longer_than_max_position_embeddings_are_allowed():
+    model = tiny_model()
+    with torch.no_grad():
+        logits = model(torch.randint(0, 128, (1, 3 * model.config.max_position_embeddings))).logits
+    assert torch.isfinite(logits).all()
+
+
+SAVE_LOAD_CHILD = textwrap.dedent("""
+    import sys, json, torch
+    sys.modules["longctx"] = None  # as on a machine where longctx is not installed
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    ids = torch.load(sys.argv[2])
+    with torch.no_grad():
+        torch.save(model(ids).logits, sys.argv[3])
+""")
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"tie_word_embeddings": True, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
+])
+def test_save_load_in_fresh_process_without_longctx(tmp_path, overrides):
+    model = tiny_model(**overrides)
+    model.save_pretrained(tmp_path / "ckpt")
+    files = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_longctx.py", "configuration_longctx.py", "rope.py",
+            "attention.py"} <= files
+    assert not any(f.endswith((".bin", ".pt")) for f in files)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_longctx.LongCtxForCausalLM"
+    ids = torch.randint(0, 128, (2, 30))
+    torch.save(ids, tmp_path / "ids.pt")
+    with torch.no_grad():
+        expected = model(ids).logits
+    child = subprocess.run([sys.executable, "-c", SAVE_LOAD_CHILD, str(tmp_path / "ckpt"), str(tmp_path / "ids.pt"),
+                            str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
+
+
+def test_auto_classes_load_in_process(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # registered by `import longctx`
+    ids = torch.randint(0, 128, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_unknown_attn_implementation_is_a_clear_error():
+    with pytest.raises(ValueError, match="attn_implementation='flash'.*eager, sdpa, flash_attention_2"):
+        LongCtxForCausalLM(LongCtxConfig(**tiny_config_kwargs(), attn_implementation="flash"))
+    model = tiny_model()
+    with pytest.raises(ValueError, match="attn_implementation"):
+        model.set_attn_implementation("paged_magic")
+
+
+def test_flash_attention_2_without_package_or_cuda_is_a_clear_error():
+    try:
+        import flash_attn  # noqa: F401
+        expected, match = ValueError, "only on CUDA"
+    except ImportError:
+        expected, match = ImportError, "needs the flash-attn package.*pip install longctx\\[flash\\]"
+    if torch.cuda.is_available() and expected is ValueError:
+        pytest.skip("flash-attn and CUDA are both present")
+    with pytest.raises(expected, match=match):
+        LongCtxForCausalLM(LongCtxConfig(**tiny_config_kwargs(), attn_implementation="flash_attention_2"))
+
+
+def test_token_ids_outside_vocab_are_a_clear_error():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="token id 128, outside the vocabulary \\[0, 127\\]"):
+        model(torch.tensor([[1, 2, 128]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        model(torch.tensor([[1, -1]]))
+
+
+def test_mismatched_attention_mask_is_a_clear_error():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="attention_mask has shape \\(2, 5\\); expected .* \\(2, 6\\)"):
+        model(torch.ones(2, 6, dtype=torch.long), attention_mask=torch.ones(2, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_key_value_heads", 3, "num_key_value_heads.*must divide"),
+    ("head_dim", 15, "head_dim.*even"),
+    ("hidden_size", 0, "hidden_size"),
+    ("rope_parameters", {"rope_type": "nope"}, "rope_type.*'nope'.*allowed"),
+])
+def test_invalid_core_config_values_are_named(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        LongCtxConfig(**tiny_config_kwargs(**{field: value}))
+
+
+def test_legacy_rope_scaling_and_rope_theta_are_folded_in():
+    config = LongCtxConfig(**tiny_config_kwargs(), rope_theta=5e5, rope_scaling={"type": "linear", "factor": 2.0})
+    assert config.rope_parameters == {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import update_keys_after_rope, update_keys_before_rope
 from .configuration_longctx import original_max_positions
-from .rope import apply_rotary
+from .rope import KEYS_BEFORE_ROPE, apply_rotary, compute_inv_freq, dynamic_inv_freq, rotary_cos_sin, rotate_half
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -37,17 +38,26 @@ class AttentionMask:
         return self.padding_mask is None
 
     def dense(self, device) -> torch.Tensor:
-        """Boolean mask (batch or 1, 1, q_len, kv_len), True = may attend. Rows with no visible key see all keys
-        (they are padding queries; this keeps softmax finite, their outputs are never used)."""
+        """Boolean mask (batch or 1, 1, q_len, kv_len), True = may attend: `rows` over every query, built once."""
         if self._dense is None:
-            query_index = torch.arange(self.kv_len - self.q_len, self.kv_len, device=device)
-            key_index = torch.arange(self.kv_len, device=device)
-            mask = (key_index[None, :] <= query_index[:, None])[None, None]  # (1, 1, q, kv)
-            if self.padding_mask is not None:
-                mask = mask & self.padding_mask[:, None, None, :].to(device)
-                mask = mask | ~mask.any(dim=-1, keepdim=True)
-            self._dense = mask
+            self._dense = self._build(0, self.q_len, device)
         return self._dense
+
+    def rows(self, start, end, device) -> torch.Tensor:
+        """Mask of query rows [start, end) over the keys they can reach: (batch or 1, 1, end - start, past + end)."""
+        return self.dense(device) if (start, end) == (0, self.q_len) else self._build(start, end, device)
+
+    def _build(self, start, end, device):
+        """Causal by index, padding keys hidden. A row with no visible key (a left-padding query) sees its causal
+        keys instead: that keeps softmax finite, and its output is never used."""
+        past = self.kv_len - self.q_len
+        query_index = torch.arange(past + start, past + end, device=device)
+        key_index = torch.arange(past + end, device=device)
+        causal = (key_index[None, :] <= query_index[:, None])[None, None]  # (1, 1, rows, keys)
+        if self.padding_mask is None:
+            return causal
+        mask = causal & self.padding_mask[:, None, None, : past + end].to(device)
+        return mask | (causal & ~mask.any(dim=-1, keepdim=True))
 
     def visible_keys(self, device) -> torch.Tensor:
         """Number of keys each query sees, (batch or 1, q_len): what `logn_scaling="trained"` counts."""
@@ -108,6 +118,192 @@ def flash_attention_2(query, key, value, mask: AttentionMask, scaling, dropout=0
 ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash_attention_2": flash_attention_2}
 
 
+# --- Keys before RoPE: ReRoPE / Leaky ReRoPE (methods.md §8) and dynamic NTK (§10) --------------------------------
+# Both rotate the keys per query (ReRoPE by the clipped distance, dynamic NTK by the query's own table), so neither
+# fits a fused kernel, flash-attn's included: they run as explicit scores, a block of query rows at a time, so memory
+# grows as block × keys, never L × L. `eager` computes ReRoPE's two score matrices densely, as Su's patch does: the
+# reference the block-wise path is tested against.
+
+SCORE_BLOCK_ELEMENTS = 2**22  # scores per query block (batch × heads × rows × keys); see benchmarks/bench_rerope.py
+ROTATED_KEY_ELEMENTS = 2**24  # dynamic NTK beyond L_train: per-row rotated keys (batch × kv heads × rows × keys × d)
+
+
+def rotate(x, positions, inv_freq):
+    """x (batch, heads, seq, d) rotated to `positions` (batch, seq) by inv_freq (d/2) or per row (b, seq, d/2)."""
+    cos, sin = rotary_cos_sin(positions, inv_freq, x.dtype)
+    return apply_rotary(x, cos, sin)
+
+
+def grouped_scores(query, key):
+    """q kᵀ for grouped-query heads without repeating keys: (b, h, rows, d), (b, kv, keys, d) -> (b, h, rows, keys)."""
+    b, h, rows, d = query.shape
+    scores = torch.matmul(query.reshape(b, key.shape[1], -1, d), key.transpose(2, 3))
+    return scores.view(b, h, rows, key.shape[2])
+
+
+def softmax_values(scores, allowed, value, dropout):
+    """softmax over the allowed keys (all when `allowed` is None; float32, in place when it can), then the weighted
+    values: (b, h, rows, keys) -> (b, h, rows, d). `scores` is consumed."""
+    b, h, rows, keys = scores.shape
+    if allowed is not None:
+        scores.masked_fill_(~allowed, torch.finfo(scores.dtype).min)
+    if scores.dtype == torch.float32 and not scores.requires_grad:
+        probs = torch.softmax(scores, dim=-1, out=scores)
+    else:
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    return torch.matmul(probs.view(b, value.shape[1], -1, keys), value).view(b, h, rows, value.shape[-1])
+
+
+def blockwise_attention(score_block, value, mask: AttentionMask, spans, dropout):
+    """softmax(scores) v for each span [start, end) of query rows; `score_block(start, end, key_end)` returns the
+    scaled scores (b, h, rows, key_end) of those rows against the keys they can reach (causal: past + end)."""
+    past, out = mask.kv_len - mask.q_len, None
+    for start, end in spans:
+        scores = score_block(start, end, past + end)
+        part = softmax_values(scores, mask.rows(start, end, value.device), value[:, :, : past + end], dropout)
+        if out is None:
+            out = part.new_empty(part.shape[0], part.shape[1], mask.q_len, part.shape[3])
+        out[:, :, start:end] = part
+    return out.transpose(1, 2)  # (batch, q_len, heads, head_dim)
+
+
+def row_spans(q_len, rows):
+    return [(start, min(start + rows, q_len)) for start in range(0, q_len, max(1, rows))]
+
+
+def rerope_operands(query, key, q_pos, k_pos, inv_freq, rope):
+    """(q1, k1) plain RoPE; (q2, k2) ReRoPE's (R^w q, k) or Leaky's (R^{(i−w)/k+w} q, R^{j/k} k) (methods.md §8)."""
+    window = rope["rerope_window"]
+    q1, k1 = rotate(query, q_pos, inv_freq), rotate(key, k_pos, inv_freq)
+    if rope["rope_type"] == "rerope":
+        return q1, k1, rotate(query, torch.full_like(q_pos, window), inv_freq), key
+    factor = rope["factor"]
+    return q1, k1, rotate(query, (q_pos - window) / factor + window, inv_freq), rotate(key, k_pos / factor, inv_freq)
+
+
+def rerope_attention(query, key, value, q_pos, k_pos, mask, scaling, dropout, inv_freq, rope, block_rows):
+    """ReRoPE / Leaky ReRoPE: a_ij = a1_ij where i − j < w, else a2_ij (methods.md §8), `block_rows` rows at a time.
+
+    i, j are positions (so padding and the cache work); with q_len = 1 this is Su's decoding from pre-RoPE keys."""
+    q1, k1, q2, k2 = rerope_operands(query * scaling, key, q_pos, k_pos, inv_freq, rope)
+    window = rope["rerope_window"]
+
+    def score_block(start, end, key_end):
+        near = (q_pos[:, None, start:end, None] - k_pos[:, None, None, :key_end]) < window  # (b, 1, rows, keys)
+        a1 = grouped_scores(q1[:, :, start:end], k1[:, :, :key_end])
+        a2 = grouped_scores(q2[:, :, start:end], k2[:, :, :key_end])
+        return torch.where(near, a1, a2, out=None if a1.requires_grad else a1)  # in place unless training
+
+    return blockwise_attention(score_block, value, mask, row_spans(mask.q_len, block_rows), dropout)
+
+
+def positions_follow_indices(k_pos, padding_mask):
+    """True when every real key's position is its index minus one offset per batch row (arange, left padding, a cache
+    of those): then i − j of positions is i − j of indices, and ReRoPE's window is a band of the score matrix."""
+    offsets = k_pos - torch.arange(k_pos.shape[-1], device=k_pos.device)
+    if padding_mask is None:
+        return bool((offsets == offsets[:, :1]).all())
+    real = padding_mask.to(k_pos.device)
+    high = offsets.masked_fill(~real, torch.iinfo(offsets.dtype).min).amax(-1)
+    low = offsets.masked_fill(~real, torch.iinfo(offsets.dtype).max).amin(-1)
+    return bool(((high == low) | ~real.any(-1)).all())
+
+
+def rerope_band_attention(query, key, value, q_pos, k_pos, mask, scaling, dropout, inv_freq, rope, block_rows):
+    """Block-wise ReRoPE / Leaky ReRoPE when positions follow the indices (`positions_follow_indices`). For a block of
+    query rows the keys [0, lo) lie beyond every row's window, so one matrix of a2 scores against all reachable keys
+    serves them, and only the band [lo, past + end) — the window, a strip of width < rows where a2 takes over, and
+    the causal diagonal — needs a1 scores: one score matrix plus a band, memory O(rows × keys) (methods.md §8)."""
+    q1, k1, q2, k2 = rerope_operands(query * scaling, key, q_pos, k_pos, inv_freq, rope)
+    window, past, q_len = rope["rerope_window"], mask.kv_len - mask.q_len, mask.q_len
+    real_keys = None if mask.padding_mask is None else mask.padding_mask.to(query.device)
+    if real_keys is not None:  # a query with no real key at or before it sees its causal keys, as in `mask.rows`
+        sighted = (real_keys.cumsum(-1) > 0)[:, past:]
+    out = None
+    for start, end in row_spans(q_len, block_rows):
+        first, key_end, rows = past + start, past + end, end - start  # the block's first query; keys it reaches
+        lo = max(0, first - window + 1)
+        strip = max(lo, key_end - window) - lo  # keys [lo, lo + strip): beyond the window for some rows
+        scores = grouped_scores(q2[:, :, start:end], k2[:, :, :key_end])  # a2: (b, h, rows, key_end)
+        band = grouped_scores(q1[:, :, start:end], k1[:, :, lo:key_end])  # a1 on the band
+        if strip:  # key lo + c is beyond the window of row r when (first + r) − (lo + c) ≥ w
+            beyond = torch.ones(rows, strip, dtype=torch.bool, device=query.device).tril(first - lo - window)
+            band[..., :strip] = torch.where(beyond, scores[..., lo:lo + strip], band[..., :strip])
+        causal = torch.ones(rows, rows, dtype=torch.bool, device=query.device).tril()  # keys [first, key_end)
+        band[..., -rows:].masked_fill_(~causal, torch.finfo(band.dtype).min)
+        scores[..., lo:] = band
+        if real_keys is not None:
+            hidden = ~real_keys[:, None, None, :key_end]  # padding keys, (b, 1, 1 or rows, keys)
+            if not bool(sighted[:, start:end].all()):
+                hidden = hidden & sighted[:, None, start:end, None]
+            scores.masked_fill_(hidden, torch.finfo(scores.dtype).min)
+        part = softmax_values(scores, None, value[:, :, :key_end], dropout)
+        if out is None:
+            out = part.new_empty(part.shape[0], part.shape[1], q_len, part.shape[3])
+        out[:, :, start:end] = part
+    return out.transpose(1, 2)  # (batch, q_len, heads, head_dim)
+
+
+def dynamic_spans(fixed, score_rows, table_rows):
+    """Spans of query rows: runs where every batch row is within L_train (`fixed`), up to `score_rows` long; others
+    (each row its own table) up to `table_rows` long."""
+    spans, start, fixed = [], 0, fixed.tolist()
+    while start < len(fixed):
+        limit, end = (score_rows if fixed[start] else table_rows), start + 1
+        while end < len(fixed) and end - start < limit and fixed[end] == fixed[start]:
+            end += 1
+        spans.append((start, end))
+        start = end
+    return spans
+
+
+def dynamic_attention(config, query, key, value, q_pos, k_pos, mask, scaling, dropout, inv_freq, implementation):
+    """Dynamic NTK, causal: the query at position p uses the table of length p + 1 for itself and every key it sees
+    (methods.md §10, Su's s(p) = max(L, p+1)/L), so a cached step equals recomputing the sequence — in every layer.
+
+    Within L_train that is the base table and any backend runs; beyond it, keys are rotated per query row."""
+    train_len = original_max_positions(config)
+    if int(q_pos.max()) < train_len:
+        q, k = rotate(query, q_pos, inv_freq), rotate(key, k_pos, inv_freq)
+        return ATTENTION_FUNCTIONS[implementation](q, k, value, mask, scaling, dropout)
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    q_fixed, k_fixed = rotate(query, q_pos, inv_freq) * scaling, rotate(key, k_pos, inv_freq)
+    key_half = rotate_half(key)
+
+    def score_block(start, end, key_end):
+        rows = slice(start, end)
+        if bool((q_pos[:, rows] < train_len).all()):
+            return grouped_scores(q_fixed[:, :, rows], k_fixed[:, :, :key_end])
+        tables = dynamic_inv_freq(config, q_pos[:, rows] + 1)  # (b, rows, d/2): one table per query
+        q = rotate(query[:, :, rows], q_pos[:, rows], tables) * scaling
+        cos, sin = rotary_cos_sin(k_pos[:, None, :key_end], tables[:, :, None], key.dtype)  # (b, rows, keys, d)
+        k = key[:, :, None, :key_end] * cos[:, None] + key_half[:, :, None, :key_end] * sin[:, None]
+        scores = torch.einsum("bgnrd,bgrkd->bgnrk", q.view(batch, kv_heads, -1, end - start, head_dim), k)
+        return scores.reshape(batch, heads, end - start, key_end)
+
+    spans = dynamic_spans((q_pos < train_len).all(0),
+                          SCORE_BLOCK_ELEMENTS // (batch * heads * kv_len),
+                          ROTATED_KEY_ELEMENTS // (batch * kv_heads * kv_len * head_dim))
+    return blockwise_attention(score_block, value, mask, spans, dropout)
+
+
+def attention_before_rope(config, implementation, query, key, value, q_pos, k_pos, mask, scaling, dropout, inv_freq):
+    """Attention for the rope_types that keep keys before RoPE: query and keys still un-rotated."""
+    rope = config.rope_parameters
+    if rope["rope_type"] == "dynamic":
+        return dynamic_attention(config, query, key, value, q_pos, k_pos, mask, scaling, dropout, inv_freq,
+                                 implementation)
+    batch, heads, q_len, _ = query.shape
+    if implementation == "eager":  # the reference: Su's two dense score matrices
+        return rerope_attention(query, key, value, q_pos, k_pos, mask, scaling, dropout, inv_freq, rope, q_len)
+    block_rows = SCORE_BLOCK_ELEMENTS // (batch * heads * key.shape[2])
+    band = positions_follow_indices(k_pos, mask.padding_mask)
+    return (rerope_band_attention if band else rerope_attention)(query, key, value, q_pos, k_pos, mask, scaling,
+                                                                 dropout, inv_freq, rope, block_rows)
+
+
 def check_attn_implementation(name, device=None):
     """Raise a clear error for an unknown backend, or flash-attn where it cannot run."""
     if name not in ATTENTION_FUNCTIONS:
@@ -156,18 +352,29 @@ class LongCtxAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, hidden_states, position_embeddings, mask: AttentionMask, query_scale=None,
-                past_key_values=None):
+                cache=None, position_ids=None, rotary=None):
+        """`position_embeddings` (cos, sin) of the query positions; `position_ids` (batch, q_len) and `rotary` (the
+        model's `LongCtxRotaryEmbedding`) are needed by the rope_types that keep keys before RoPE."""
         batch, q_len, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
         key = self.k_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)  # (batch, heads, q_len, head_dim)
-        if query_scale is not None:
+        if query_scale is not None:  # a scalar per query row: commutes with its rotation
             query = query * query_scale[:, None, :, None].to(query.dtype)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
-        attention = ATTENTION_FUNCTIONS[self.config._attn_implementation or "sdpa"]
+        implementation = self.config._attn_implementation or "sdpa"
         dropout = self.config.attention_dropout if self.training else 0.0
-        out = attention(query, key, value, mask, self.scaling, dropout)  # (batch, q_len, heads, head_dim)
-        return self.o_proj(out.reshape(batch, q_len, -1))
+        if self.config.rope_parameters["rope_type"] in KEYS_BEFORE_ROPE:
+            if position_ids is None:
+                raise ValueError(f"rope_type={self.config.rope_parameters['rope_type']!r} needs `position_ids`.")
+            key, value, key_positions = update_keys_before_rope(cache, self.layer_idx, key, value,
+                                                                position_ids)
+            inv_freq = rotary.inv_freq(query.device)[0] if rotary is not None else compute_inv_freq(self.config)[0]
+            out = attention_before_rope(self.config, implementation, query, key, value, position_ids, key_positions,
+                                        mask, self.scaling, dropout, inv_freq.to(query.device))
+        else:
+            cos, sin = position_embeddings
+            query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)  # (batch, heads, q_len, head_dim)
+            if cache is not None:
+                key, value = update_keys_after_rope(cache, self.layer_idx, key, value)
+            out = ATTENTION_FUNCTIONS[implementation](query, key, value, mask, self.scaling, dropout)
+        return self.o_proj(out.reshape(batch, q_len, -1))  # out: (batch, q_len, heads, head_dim)

@@ -62,7 +62,7 @@ class LongCtxConfig(PreTrainedConfig):
     ```"""
 
     model_type = "longctx"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",
@@ -113,6 +113,8 @@ class LongCtxConfig(PreTrainedConfig):
         if self.block_types is None:
             self.block_types = ["attention"] * self.num_hidden_layers
         self.block_types = list(self.block_types)
+        if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
+            _fail("rope_parameters", self.rope_parameters, "expected a dict such as {'rope_type': 'yarn', 'factor': 4.0}")
         super().__post_init__(**kwargs)  # folds legacy `rope_scaling` / `rope_theta` into `rope_parameters`
         rope = dict(self.rope_parameters or {})
         if "type" in rope:
@@ -169,7 +171,7 @@ class LongCtxConfig(PreTrainedConfig):
 
     def _validate_rope_parameters(self, rope):
         rope_type = rope["rope_type"]
-        if rope_type not in ROPE_TYPE_KEYS:
+        if not isinstance(rope_type, str) or rope_type not in ROPE_TYPE_KEYS:
             _fail("rope_parameters.rope_type", rope_type, f"allowed: {', '.join(ROPE_TYPE_KEYS)}")
         allowed = COMMON_ROPE_KEYS | ROPE_TYPE_KEYS[rope_type]
         unknown = sorted(set(rope) - allowed)
@@ -194,12 +196,17 @@ class LongCtxConfig(PreTrainedConfig):
             _check_number("rope_parameters.beta_slow", rope.setdefault("beta_slow", 1.0), low=0, low_open=True)
             if rope["beta_slow"] >= rope["beta_fast"]:
                 _fail("rope_parameters.beta_slow", rope["beta_slow"], f"must be < beta_fast={rope['beta_fast']}")
-            if rope.get("attention_factor") is not None:
-                _check_number("rope_parameters.attention_factor", rope["attention_factor"], low=0, low_open=True)
+            for key in ("attention_factor", "mscale", "mscale_all_dim"):
+                if rope.get(key) is not None:
+                    _check_number(f"rope_parameters.{key}", rope[key], low=0, low_open=True)
+            if not isinstance(rope.get("truncate", True), bool):
+                _fail("rope_parameters.truncate", rope["truncate"], "expected True or False")
         if rope_type == "llama3":
             for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
                 if rope.get(key) is None:
                     _fail(f"rope_parameters.{key}", None, "rope_type='llama3' needs it (HF's llama3 keys)")
+            _check_number("rope_parameters.low_freq_factor", rope["low_freq_factor"], low=0, low_open=True)
+            _check_number("rope_parameters.high_freq_factor", rope["high_freq_factor"], low=0, low_open=True)
             if rope["high_freq_factor"] <= rope["low_freq_factor"]:
                 _fail("rope_parameters.high_freq_factor", rope["high_freq_factor"],
                       f"must be > low_freq_factor={rope['low_freq_factor']}")

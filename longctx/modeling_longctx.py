@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -19,6 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .attention import AttentionMask, LongCtxAttention, check_attn_implementation, logn_query_scale
 from .configuration_longctx import LongCtxConfig
+from .lru import LongCtxLRU, cached_length
 from .rope import LongCtxRotaryEmbedding
 
 
@@ -52,23 +54,47 @@ class LongCtxMLP(nn.Module):
 
 
 class LongCtxDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + MLP(norm(x)). The mixer is attention."""
+    """Pre-norm residual block: x + mixer(norm(x)), then x + MLP(norm(x)). The mixer is attention (`self_attn`)
+    or, where `block_types[layer_idx] == "lru"`, the LRU (`lru`; methods.md §13)."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.block_type = config.block_types[layer_idx]
-        self.self_attn = LongCtxAttention(config, layer_idx)
+        if self.block_type == "lru":
+            self.lru = LongCtxLRU(config, layer_idx)
+        else:
+            self.self_attn = LongCtxAttention(config, layer_idx)
         self.mlp = LongCtxMLP(config)
         self.input_layernorm = LongCtxRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LongCtxRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, position_embeddings, mask, query_scale=None, past_key_values=None,
-                position_ids=None):
+    def forward(self, hidden_states, position_embeddings, mask, query_scale=None, cache=None,
+                position_ids=None, rotary=None):
         residual = hidden_states
-        hidden_states = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, mask,
-                                       query_scale, past_key_values)
+        if self.block_type == "lru":
+            hidden_states = self.lru(self.input_layernorm(hidden_states), position_ids, mask.padding_mask, cache)
+        else:
+            hidden_states = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, mask,
+                                           query_scale, cache, position_ids=position_ids, rotary=rotary)
         hidden_states = residual + hidden_states
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+# transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache`; 5.23 has the old name.
+# The forwards accept both; outputs are built with whichever field this transformers has.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def resolve_cache(cache, past_key_values):
+    """The cache a caller passed, under either name (`cache`, transformers >= 5.24; `past_key_values`, before)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("Pass the KV cache as `cache` or as `past_key_values`, not both.")
+    return cache if cache is not None else past_key_values
+
+
+def output_cache(outputs):
+    """The cache held by a model output, whichever transformers named the field."""
+    return getattr(outputs, CACHE_FIELD)
 
 
 class LongCtxOutputProjection(nn.Linear):
@@ -81,7 +107,7 @@ class LongCtxPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LongCtxDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = False
@@ -101,10 +127,13 @@ class LongCtxPreTrainedModel(PreTrainedModel):
         return attn_implementation
 
     def _init_weights(self, module):
-        """Llama's init (normal(0, initializer_range), norms at 1) plus the tied-embedding modes (methods.md §12)."""
+        """Llama's init (normal(0, initializer_range), norms at 1) plus the tied-embedding modes (methods.md §12)
+        and the LRU's ring init (methods.md §13)."""
         config = self.config
         if isinstance(module, LongCtxOutputProjection):
             init.orthogonal_(module.weight)
+        elif isinstance(module, LongCtxLRU):
+            module.ring_init_()
         elif isinstance(module, nn.Embedding) and config.tied_embedding_mode == "small-init":
             init.normal_(module.weight, mean=0.0, std=math.log(config.vocab_size) / config.hidden_size)
         else:
@@ -144,14 +173,16 @@ class LongCtxModel(LongCtxPreTrainedModel):
                 f"attention_mask has shape {tuple(attention_mask.shape)}; expected a 2D padding mask of shape "
                 f"(batch, past + new tokens) = ({batch}, {kv_len}), 1 for real tokens and 0 for padding.")
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, past_key_values=None, **kwargs):
+        """`cache` (or its pre-5.24 name `past_key_values`): a `DynamicCache`; one is made when `use_cache`."""
+        cache = resolve_cache(cache, past_key_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         shape_source = input_ids if input_ids is not None else inputs_embeds
         batch, q_len = shape_source.shape[:2]
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_len = cached_length(cache) if cache is not None else 0
         kv_len = past_len + q_len
         self._check_inputs(input_ids, inputs_embeds, attention_mask, batch, kv_len)
         if inputs_embeds is None:
@@ -166,27 +197,52 @@ class LongCtxModel(LongCtxPreTrainedModel):
             else:
                 position_ids = torch.arange(past_len, kv_len, device=inputs_embeds.device)[None].expand(batch, -1)
         mask = AttentionMask(q_len, kv_len, padding_mask)
-        seq_len = None
-        if self.config.rope_parameters["rope_type"] == "dynamic":
-            seq_len = int(position_ids.max()) + 1
-        position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype, seq_len)
+        position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)
         query_scale = logn_query_scale(self.config, position_ids, mask)
 
         hidden_states = inputs_embeds
         for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings, mask, query_scale, past_key_values,
-                                  position_ids=position_ids)
+            hidden_states = layer(hidden_states, position_embeddings, mask, query_scale, cache,
+                                  position_ids=position_ids, rotary=self.rotary_emb)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states),
-                                       past_key_values=past_key_values if use_cache else None)
+                                       **{CACHE_FIELD: cache if use_cache else None})
+
+
+def shift_labels(labels):
+    """Labels for next-token prediction, flattened: position t is scored on token t+1, the last on nothing (-100)."""
+    return F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)
 
 
 def causal_lm_loss(logits, labels, num_items_in_batch=None):
-    """Next-token cross-entropy: logits at t predict labels at t+1; label -100 is ignored."""
-    logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    labels = labels[:, 1:].reshape(-1).to(logits.device)
-    if num_items_in_batch is None:
-        return F.cross_entropy(logits, labels, ignore_index=-100)
-    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / num_items_in_batch
+    """Next-token cross-entropy over materialised logits; label -100 is ignored (the reference path)."""
+    labels = shift_labels(labels.to(logits.device))
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels, ignore_index=-100, reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum())
+
+
+def _chunk_nll_sum(hidden, weight, labels):
+    return F.cross_entropy(F.linear(hidden, weight).float(), labels, ignore_index=-100, reduction="sum")
+
+
+def logits_chunk_size(vocab_size, chunk_size=None):
+    """Tokens per chunk so one chunk of float32 logits stays near 64 MB."""
+    return chunk_size or max(256, 2**24 // vocab_size)
+
+
+def chunked_causal_lm_loss(hidden_states, weight, labels, num_items_in_batch=None, chunk_size=None):
+    """`causal_lm_loss(hidden @ weightᵀ, labels)` without materialising the (tokens × vocab) logits.
+
+    Projection and cross-entropy run together chunk by chunk; under autograd each chunk is checkpointed, so the
+    backward recomputes its logits instead of storing them."""
+    labels = shift_labels(labels.to(hidden_states.device))
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    chunk = logits_chunk_size(weight.shape[0], chunk_size)
+    track = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        args = (hidden[start:start + chunk], weight, labels[start:start + chunk])
+        total = total + (checkpoint(_chunk_nll_sum, *args, use_reentrant=False) if track else _chunk_nll_sum(*args))
+    return total / (num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum())
 
 
 class LongCtxForCausalLM(LongCtxPreTrainedModel, GenerationMixin):
@@ -202,7 +258,17 @@ class LongCtxForCausalLM(LongCtxPreTrainedModel, GenerationMixin):
         mode = config.tied_embedding_mode if config.tie_word_embeddings else "plain"
         if mode == "projection":
             self.output_projection = LongCtxOutputProjection(config.hidden_size, config.hidden_size, bias=False)
+        self._is_stateful = "lru" in config.block_types  # an LRU state cannot be rolled back: no assisted decoding
         self.post_init()
+
+    def _supports_default_dynamic_cache(self):
+        """generate() pre-builds the cache unless the stack is all LRU: transformers' prefill asks a pre-built cache
+        for its length, which only attention layers hold. Then the forward builds the cache (it counts tokens)."""
+        return "attention" in self.config.block_types
+
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        """generate() hook (used with an all-LRU cache): keep the 2D padding mask; the forward builds its masks."""
+        return attention_mask
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -220,17 +286,46 @@ class LongCtxForCausalLM(LongCtxPreTrainedModel, GenerationMixin):
             return torch.cat((second, first), dim=-1)
         return hidden_states
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, skip_logits=None, past_key_values=None, **kwargs):
+        """Causal-LM forward. With `labels` and `skip_logits` (default: while training) the loss is computed in
+        chunks and `logits` is None: the (tokens × vocab) logits are never materialised. `past_key_values` is the
+        pre-5.24 name of `cache`."""
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+                             cache=resolve_cache(cache, past_key_values), inputs_embeds=inputs_embeds,
+                             use_cache=use_cache)
         hidden_states = self.output_hidden(outputs.last_hidden_state)
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep])
-        loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch"))
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        skip_logits = self.training and labels is not None if skip_logits is None else skip_logits
+        if skip_logits and labels is None:
+            raise ValueError("skip_logits=True needs `labels`: without logits the loss is the only output.")
+        logits = loss = None
+        if skip_logits:
+            loss = chunked_causal_lm_loss(hidden_states, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"))
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, keep])
+            if labels is not None:
+                loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch"))
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: output_cache(outputs)})
+
+    @torch.no_grad()
+    def score_tokens(self, input_ids, attention_mask=None, position_ids=None, chunk_size=None):
+        """Next-token NLL and correctness per position, (batch, seq - 1) each, position t scoring token t+1.
+
+        The evaluation workload: one forward, the output projection in chunks (no full logits), float32 NLL."""
+        hidden = self.output_hidden(self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                               position_ids=position_ids, use_cache=False).last_hidden_state)
+        hidden, targets = hidden[:, :-1], input_ids[:, 1:]
+        batch, steps = targets.shape
+        hidden, targets = hidden.reshape(batch * steps, -1), targets.reshape(-1)
+        nll = torch.empty(batch * steps, dtype=torch.float32, device=hidden.device)
+        correct = torch.empty(batch * steps, dtype=torch.bool, device=hidden.device)
+        chunk = logits_chunk_size(self.config.vocab_size, chunk_size)
+        for start in range(0, batch * steps, chunk):
+            logits = self.lm_head(hidden[start:start + chunk]).float()
+            nll[start:start + chunk] = F.cross_entropy(logits, targets[start:start + chunk], reduction="none")
+            correct[start:start + chunk] = logits.argmax(-1) == targets[start:start + chunk]
+        return nll.view(batch, steps), correct.view(batch, steps)
 
 
 LongCtxConfig.register_for_auto_class()

@@ -58,13 +58,22 @@ def ntk_mixed_rope(config, device=None, seq_len=None):
     return _default_inv_freq(base, dim, device) * torch.exp(-a * pair**exponent).float(), 1.0
 
 
+def dynamic_inv_freq(config, seq_lens: torch.Tensor) -> torch.Tensor:
+    """Dynamic NTK tables for many lengths at once: (...,) lengths -> (..., head_dim // 2) (methods.md §10).
+
+    base(l) = b·(k·l/L − (k−1))^{d/(d−2)} for l > L_train, else b; the same float32 pow as HF's table."""
+    rope, base, dim = _params(config)
+    factor, train_len = rope["factor"], original_max_positions(config)
+    lengths = seq_lens.to(torch.float64).clamp(min=train_len)
+    bases = base * ((factor * lengths / train_len) - (factor - 1)) ** (dim / (dim - 2))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=seq_lens.device).float() / dim
+    return 1.0 / (bases.float()[..., None] ** exponents)
+
+
 def dynamic_rope(config, device=None, seq_len=None):
     """Dynamic NTK: base b·(k·l/L − (k−1))^{d/(d−2)} for the current length l > L_train (methods.md §10)."""
-    rope, base, dim = _params(config)
-    train_len = original_max_positions(config)
-    seq_len = max(seq_len or train_len, train_len)
-    base = base * ((rope["factor"] * seq_len / train_len) - (rope["factor"] - 1)) ** (dim / (dim - 2))
-    return _default_inv_freq(base, dim, device), 1.0
+    seq_len = original_max_positions(config) if seq_len is None else int(seq_len)
+    return dynamic_inv_freq(config, torch.tensor([seq_len], device=device))[0], 1.0
 
 
 def yarn_rope(config, device=None, seq_len=None):
@@ -92,9 +101,10 @@ def yarn_rope(config, device=None, seq_len=None):
     if low == high:
         high += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
-    extrapolation = _default_inv_freq(base, dim, device)
-    interpolation = extrapolation / factor
-    return interpolation * ramp + extrapolation * (1 - ramp), float(attention_factor)
+    extrapolation_weight = 1 - ramp
+    pos_freqs = base ** (torch.arange(0, dim, 2, device=device).float() / dim)  # HF's operation order, bit for bit
+    interpolation, extrapolation = 1.0 / (factor * pos_freqs), 1.0 / pos_freqs
+    return interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight, float(attention_factor)
 
 
 def llama3_rope(config, device=None, seq_len=None):
@@ -131,11 +141,17 @@ def compute_inv_freq(config, seq_len=None):
     return ROPE_INIT_FUNCTIONS[config.rope_parameters["rope_type"]](config, None, seq_len)
 
 
+# rope_types whose attention keeps the keys before RoPE (in the KV cache too) and rotates them at every step:
+# dynamic NTK (a query's table depends on its own position) and ReRoPE / Leaky ReRoPE (methods.md §8, §10).
+KEYS_BEFORE_ROPE = ("dynamic", "rerope", "leaky-rerope")
+
+
 class LongCtxRotaryEmbedding(nn.Module):
-    """cos/sin for given positions. The table is recomputed from the config, never stored in a buffer.
+    """cos/sin of the base table for given positions. The table is recomputed from the config, never stored in a buffer.
 
     transformers 5.x refills non-persistent buffers with garbage on `from_pretrained` (anchors.md §1.5); keeping
     the table as a plain cache keyed by device sidesteps that trap. `reset()` drops it after `set_rope`.
+    For `dynamic` this is the table at L_train; positions beyond it get their own tables in the attention.
     """
 
     def __init__(self, config: LongCtxConfig):
@@ -146,24 +162,26 @@ class LongCtxRotaryEmbedding(nn.Module):
     def reset(self):
         self._cache.clear()
 
-    def inv_freq(self, device, seq_len=None):
-        """(inv_freq, attention_scaling) on `device`; `dynamic` depends on the sequence length."""
-        is_dynamic = self.config.rope_parameters["rope_type"] == "dynamic"
-        key = (str(device), seq_len if is_dynamic else None)
+    def inv_freq(self, device):
+        """(inv_freq, attention_scaling) of `config.rope_parameters` on `device`."""
+        key = str(device)
         if key not in self._cache:
-            if is_dynamic and len(self._cache) > 64:
-                self._cache.clear()
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.config.rope_parameters["rope_type"]](self.config, None, seq_len)
+            inv_freq, scaling = compute_inv_freq(self.config)
             self._cache[key] = (inv_freq.to(device), scaling)
         return self._cache[key]
 
     @torch.no_grad()
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype, seq_len=None):
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
         """position_ids (batch, seq) -> cos, sin (batch, seq, head_dim), computed in float32, cast to `dtype`."""
-        inv_freq, scaling = self.inv_freq(position_ids.device, seq_len)
-        freqs = position_ids[..., None].float() * inv_freq  # (batch, seq, head_dim // 2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+        inv_freq, scaling = self.inv_freq(position_ids.device)
+        return rotary_cos_sin(position_ids, inv_freq, dtype, scaling)
+
+
+def rotary_cos_sin(positions, inv_freq, dtype, scaling=1.0):
+    """cos, sin (..., head_dim) of the angles positions · inv_freq (broadcast over leading dims), in float32."""
+    freqs = positions[..., None].float() * inv_freq  # (..., head_dim // 2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
 
 def rotate_half(x):

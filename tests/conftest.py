@@ -21,3 +21,39 @@ def tiny_config_kwargs(**overrides):
 @pytest.fixture
 def tiny_kwargs():
     return tiny_config_kwargs
+
+
+def tiny_model(seed=0, attn="sdpa", **overrides):
+    """A `LongCtxForCausalLM` on `tiny_config_kwargs`, eval mode, seeded (same seed and shape: same weights)."""
+    from longctx import LongCtxConfig, LongCtxForCausalLM
+
+    torch.manual_seed(seed)
+    config = LongCtxConfig(**tiny_config_kwargs(**overrides))
+    config._attn_implementation = attn
+    return LongCtxForCausalLM(config).eval()
+
+
+def left_padded(lengths, width, vocab=128, seed=0):
+    """Random ids (batch, width), row r left-padded to keep `lengths[r]` real tokens, and the padding mask."""
+    ids = torch.randint(1, vocab, (len(lengths), width), generator=torch.Generator().manual_seed(seed))
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, width - n:] = 1
+    return ids * mask, mask
+
+
+def rotate_pairs(x, angles):
+    """Independent RoPE for references: channel pairs (i, i + d/2) as complex numbers times e^{i·angle}."""
+    half = x.shape[-1] // 2
+    z = torch.complex(x[..., :half], x[..., half:]) * torch.polar(torch.ones_like(angles), angles)
+    return torch.cat((z.real, z.imag), dim=-1)
+
+
+def project_qkv(layer, config, hidden):
+    """q, k, v (batch, heads, seq, head_dim) of an attention layer, k and v repeated to every query head."""
+    batch, length, _ = hidden.shape
+    heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    q = layer.q_proj(hidden).view(batch, length, heads, d).transpose(1, 2)
+    k = layer.k_proj(hidden).view(batch, length, kv_heads, d).transpose(1, 2).repeat_interleave(heads // kv_heads, 1)
+    v = layer.v_proj(hidden).view(batch, length, kv_heads, d).transpose(1, 2).repeat_interleave(heads // kv_heads, 1)
+    return q, k, v

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from longctx import LongCtxConfig, LongCtxForCausalLM
 from longctx.attention import AttentionMask
 from longctx.convert import from_llama
+from longctx.modeling_longctx import output_cache
 
 
 def random_llama(tie=False, attn="eager", seed=0, **overrides):
@@ -72,11 +73,26 @@ def test_cached_decoding_equals_full_forward(attn):
         full = model(ids, use_cache=False).logits
         out = model(ids[:, :10], use_cache=True)  # prefill, then one token at a time
         steps = [out.logits]
-        cache = out.past_key_values
+        cache = output_cache(out)
         for t in range(10, 24):
-            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_argument_takes_both_transformers_names():
+    """transformers >= 5.24 passes `cache`, 5.23 `past_key_values`: both continue the same cache; both at once is refused."""
+    model = tiny_model()
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits[:, -1]
+        for name in ("cache", "past_key_values"):
+            cache = output_cache(model(ids[:, :-1], use_cache=True))
+            step = model(ids[:, -1:], use_cache=True, **{name: cache})
+            torch.testing.assert_close(step.logits[:, -1], full, atol=1e-5, rtol=1e-5)
+            assert output_cache(step) is cache and cache.get_seq_length() == 12
+        with pytest.raises(ValueError, match="not both"):
+            model(ids[:, -1:], cache=cache, past_key_values=cache)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -1,0 +1,224 @@
+"""The Linear Recurrent Unit (Orvieto et al. 2023; methods.md §13): the mixer, its ring init, its two scans.
+
+    λ = exp(−exp(ν_log) + i·exp(θ_log)),   x_t = λ ⊙ x_{t−1} + γ ⊙ (B u_t),   y_t = Re(C x_t) + D ⊙ u_t
+
+`lru_scan_sequential` is the reference: one step at a time. `lru_scan` is the fast one: chunks of `chunk_size`
+steps scanned side by side, the state entering each chunk by the same scan one level up (λ^T per step), then the
+chunks again from their true incoming states. Only λ and its positive powers appear (|λ^k| ≤ 1): the cumsum of
+λ^{−k}·b overflows (methods.md §13, pitfall 9). Both scans run in complex64 whatever the model dtype, and drop
+λ·x_{t−1} where `reset` is True, a document start (`position_ids == 0`).
+
+The recurrent state (batch, state_size) of each LRU layer lives in transformers' cache, in the
+`LinearAttentionLayer` that `DynamicCache(config=...)` builds for `layer_types[i] == "linear_attention"`.
+"""
+
+import math
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+SCAN_CHUNK_SIZE = 16  # steps per chunk of `lru_scan`: fastest of 8–128 on a 2-core CPU (BENCHMARKS.md, ## LRU)
+
+
+# --- scans ----------------------------------------------------------------------------------------------------------
+def lru_scan_sequential(lam, b, reset=None, x0=None):
+    """Reference scan (methods.md §13): x_t = λ·x_{t−1} + b_t for t = 0..L−1, x_{−1} = x0 (or 0).
+
+    `lam` (state,) complex; `b` (batch, L, state) complex; `reset` (batch, L) bool drops λ·x_{t−1} at True;
+    `x0` (batch, state). Returns every state, (batch, L, state). Plain autograd, in the dtype of `b`."""
+    state = torch.zeros_like(b[:, 0]) if x0 is None else x0.to(b.dtype)
+    states = []
+    for t in range(b.shape[1]):
+        carried = lam * state
+        if reset is not None:
+            carried = torch.where(reset[:, t, None], torch.zeros_like(carried), carried)
+        state = carried + b[:, t]
+        states.append(state)
+    return torch.stack(states, dim=1)
+
+
+def lru_scan(lam, b, reset=None, x0=None, chunk_size=SCAN_CHUNK_SIZE):
+    """Fast scan with the semantics of `lru_scan_sequential`, in complex64, differentiable (its own backward)."""
+    if b.shape[1] == 0:
+        return b.to(torch.complex64)
+    return _LRUScan.apply(lam, b, reset, x0, chunk_size)
+
+
+def _coefficient(lam, keep, t):
+    """λ·keep_t: the factor on x_{t−1} at step t (0 where a document starts)."""
+    return lam if keep is None else lam * keep[..., t, None]
+
+
+def _recur(b, lam, keep, x0, out):
+    """x_t = λ·keep_t·x_{t−1} + b_t along dim −2, x_{−1} = x0 (nothing when None), written into `out` (may be b)."""
+    previous = x0
+    for t in range(b.shape[-2]):
+        if previous is None:
+            if out is not b:
+                out[..., t, :].copy_(b[..., t, :])
+        else:
+            torch.addcmul(b[..., t, :], previous, _coefficient(lam, keep, t), out=out[..., t, :])
+        previous = out[..., t, :]
+    return out
+
+
+def _last_state(b, lam, keep):
+    """The state after the last step along dim −2 from a zero start, keeping no other state."""
+    state = b[..., 0, :].clone()
+    for t in range(1, b.shape[-2]):
+        torch.addcmul(b[..., t, :], state, _coefficient(lam, keep, t), out=state)
+    return state
+
+
+def _chunked_scan(b, log_lam, keep, x0, chunk_size, out):
+    """The scan of b (batch, L, state) complex64 into `out` (may be b). `log_lam` (state,) complex128.
+
+    Chunks of T steps side by side: (1) each chunk's end state from a zero start; (2) the true end states by the same
+    scan over chunks, whose step factor is λ^T (recursively: chunks of chunks); (3) every chunk again from its true
+    incoming state, writing x. b is read twice, x written once; the factors formed are λ, λ^T, λ^{T²}, …."""
+    batch, length, size = b.shape
+    lam = torch.exp(log_lam).to(torch.complex64)
+    chunks = length // chunk_size
+    if chunks < 2:
+        return _recur(b, lam, keep, x0, out)
+    span = chunks * chunk_size
+    b_chunks = b[:, :span].view(batch, chunks, chunk_size, size)  # (batch, chunks, T, state), views
+    keep_chunks = None if keep is None else keep[:, :span].view(batch, chunks, chunk_size)
+    ends = _last_state(b_chunks, lam, keep_chunks)  # (batch, chunks, state)
+    ends = _chunked_scan(ends, chunk_size * log_lam, None if keep is None else keep_chunks.all(-1), x0, chunk_size,
+                         out=ends)
+    incoming = torch.cat([torch.zeros_like(ends[:, :1]) if x0 is None else x0[:, None], ends[:, :-1]], dim=1)
+    _recur(b_chunks, lam, keep_chunks, incoming, out[:, :span].view(batch, chunks, chunk_size, size))
+    _recur(b[:, span:], lam, None if keep is None else keep[:, span:], ends[:, -1], out[:, span:])  # L mod T
+    return out
+
+
+class _LRUScan(torch.autograd.Function):
+    """x = scan(λ, b): forward by `_chunked_scan`; backward by the same scan run backwards in time with conj(λ)."""
+
+    @staticmethod
+    def forward(ctx, lam, b, reset, x0, chunk_size):
+        log_lam = torch.log(lam.detach().to(torch.complex128))
+        keep = None if reset is None else ~reset
+        x0c = None if x0 is None else x0.detach().to(torch.complex64, copy=True)  # the cache buffer is rewritten
+        ctx.chunk_size, ctx.b_dtype, ctx.x0_dtype = chunk_size, b.dtype, None if x0 is None else x0.dtype
+        b = b.detach().to(torch.complex64).contiguous()
+        x = _chunked_scan(b, log_lam, keep, x0c, chunk_size, out=torch.empty_like(b))
+        ctx.save_for_backward(lam, x, keep, x0c)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad_x):
+        lam, x, keep, x0 = ctx.saved_tensors
+        # g_t = dL/dx_t total = grad_x_t + conj(λ)·keep_{t+1}·g_{t+1}: a scan over the reversed sequence
+        keep_next = None if keep is None else torch.cat([keep[:, 1:], keep[:, :1]], dim=1).flip(1)
+        log_conj = torch.log(lam.detach().to(torch.complex128)).conj()
+        g = grad_x.to(torch.complex64).flip(1).contiguous()
+        g = _chunked_scan(g, log_conj, keep_next, None, ctx.chunk_size, out=g).flip(1)
+        previous = torch.cat([torch.zeros_like(x[:, :1]) if x0 is None else x0[:, None], x[:, :-1]], dim=1)
+        weighted = g if keep is None else g * keep[..., None]
+        grad_lam = (weighted * previous.conj()).sum(dim=(0, 1)).to(lam.dtype) if ctx.needs_input_grad[0] else None
+        grad_x0 = None
+        if ctx.needs_input_grad[3]:
+            grad_x0 = (weighted[:, 0] * lam.detach().conj().to(torch.complex64)).to(ctx.x0_dtype)
+        grad_b = g.to(ctx.b_dtype) if ctx.needs_input_grad[1] else None
+        return grad_lam, grad_b, None, grad_x0, None
+
+
+# --- the recurrent state in transformers' cache ---------------------------------------------------------------------
+def _state_layer(cache, layer_idx):
+    layer = cache.layers[layer_idx] if layer_idx < len(cache.layers) else None
+    if not isinstance(layer, LinearAttentionCacheLayerMixin):
+        raise ValueError(
+            f"LRU layer {layer_idx} needs a recurrent-state slot in the cache, but the cache has "
+            f"{type(layer).__name__} there. Build the cache with `DynamicCache(config=model.config)` (what the model "
+            "and generate() do by default): config.layer_types marks LRU layers 'linear_attention'.")
+    return layer
+
+
+def read_lru_state(cache, layer_idx):
+    """The state (batch, state_size) complex64 after the tokens already seen, or None before the first one."""
+    layer = _state_layer(cache, layer_idx)
+    return layer.recurrent_states[0] if layer.has_previous_state[0] else None
+
+
+def write_lru_state(cache, layer_idx, state, new_tokens):
+    """Store the state after this forward (copied into a fixed buffer: constant memory) and count the tokens."""
+    layer = _state_layer(cache, layer_idx)
+    seen = layer.lru_seen_tokens if layer.has_previous_state[0] else 0
+    cache.update_recurrent_state(state, layer_idx)
+    layer.has_previous_state[0] = True  # `cache.reset()` clears it: the state then restarts from zero
+    layer.lru_seen_tokens = seen + new_tokens
+
+
+def cached_length(cache):
+    """Tokens the cache has seen: an attention layer's key count, or in an all-LRU stack the LRU token count."""
+    if not cache.layers or not all(cache.is_linear):
+        return cache.get_seq_length()  # transformers looks up the first attention layer
+    layer = _state_layer(cache, 0)
+    return layer.lru_seen_tokens if layer.has_previous_state[0] else 0
+
+
+# --- the mixer --------------------------------------------------------------------------------------------------------
+class LongCtxLRU(nn.Module):
+    """The LRU mixer (methods.md §13): hidden_size → complex state of `lru_state_size` → hidden_size.
+
+    Parameters as in the paper's appendix: `nu_log`, `theta_log`, `gamma_log` (state,), `B_re`, `B_im`
+    (state, hidden), `C_re`, `C_im` (hidden, state), `D` (hidden,)."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        hidden, state = config.hidden_size, config.lru_state_size
+        self.nu_log = nn.Parameter(torch.empty(state))
+        self.theta_log = nn.Parameter(torch.empty(state))
+        self.gamma_log = nn.Parameter(torch.empty(state))
+        self.B_re = nn.Parameter(torch.empty(state, hidden))
+        self.B_im = nn.Parameter(torch.empty(state, hidden))
+        self.C_re = nn.Parameter(torch.empty(hidden, state))
+        self.C_im = nn.Parameter(torch.empty(hidden, state))
+        self.D = nn.Parameter(torch.empty(hidden))
+        self.ring_init_()
+
+    @torch.no_grad()
+    def ring_init_(self):
+        """Ring init (methods.md §13): |λ|² ~ U[r_min², r_max²], arg λ ~ U[0, max_phase], γ = √(1 − |λ|²);
+        B ~ N(0, 1/(2H)), C ~ N(0, 1/N), D ~ N(0, 1). Parameters loaded from a checkpoint are left alone."""
+        config, (state, hidden) = self.config, self.B_re.shape
+        tiny = torch.finfo(torch.float64).tiny  # keeps log() finite when rand() returns exactly 0
+        u1 = torch.rand(state, dtype=torch.float64).clamp(min=tiny)
+        u2 = torch.rand(state, dtype=torch.float64).clamp(min=tiny)
+        r_min2, r_max2 = config.lru_r_min**2, config.lru_r_max**2
+        nu = -0.5 * torch.log(u1 * (r_max2 - r_min2) + r_min2)
+        init.copy_(self.nu_log, torch.log(nu))
+        init.copy_(self.theta_log, torch.log(config.lru_max_phase * u2))
+        init.copy_(self.gamma_log, 0.5 * torch.log(-torch.expm1(-2 * nu)))  # log √(1 − |λ|²), |λ|² = e^{−2ν}
+        for weight, std in ((self.B_re, 1 / math.sqrt(2 * hidden)), (self.B_im, 1 / math.sqrt(2 * hidden)),
+                            (self.C_re, 1 / math.sqrt(state)), (self.C_im, 1 / math.sqrt(state)), (self.D, 1.0)):
+            init.normal_(weight, mean=0.0, std=std)
+
+    def eigenvalues(self):
+        """λ = exp(−exp(ν_log) + i·exp(θ_log)), (state,) complex64."""
+        return torch.exp(torch.complex(-torch.exp(self.nu_log.float()), torch.exp(self.theta_log.float())))
+
+    def forward(self, hidden_states, position_ids=None, padding_mask=None, cache=None):
+        """(batch, q_len, hidden) -> (batch, q_len, hidden). The state restarts where `position_ids == 0`; padded
+        positions (`padding_mask` False) add nothing to it; with a cache it continues from the stored state."""
+        batch, q_len, hidden = hidden_states.shape
+        with torch.autocast(hidden_states.device.type, enabled=False):  # the recurrence is float32 / complex64
+            u = hidden_states.float()
+            gamma = torch.exp(self.gamma_log.float())[:, None]
+            b_weight = torch.stack([self.B_re.float() * gamma, self.B_im.float() * gamma], dim=1)  # (state, 2, H)
+            bu = torch.view_as_complex((u @ b_weight.reshape(-1, hidden).T).view(batch, q_len, -1, 2))  # γ ⊙ B u
+            if padding_mask is not None:
+                bu = bu * padding_mask[:, -q_len:, None].to(bu.device)
+            reset = None if position_ids is None else (position_ids == 0).expand(batch, q_len).to(bu.device)
+            x0 = None if cache is None else read_lru_state(cache, self.layer_idx)
+            x = lru_scan(self.eigenvalues(), bu, reset, x0)  # (batch, q_len, state) complex64
+            if cache is not None:
+                write_lru_state(cache, self.layer_idx, x[:, -1], q_len)
+            c_weight = torch.stack([self.C_re.float(), -self.C_im.float()], dim=-1).reshape(hidden, -1)
+            y = torch.view_as_real(x).reshape(batch, q_len, -1) @ c_weight.T + self.D.float() * u  # Re(C x) + D ⊙ u
+        return y.to(hidden_states.dtype)

@@ -1,0 +1,203 @@
+"""Data (issue 4): corpora, whole-document splits, the sentencepiece tokenizer, packing, no evaluation leakage."""
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+from transformers import AutoTokenizer
+
+from longctx import data
+
+# Text the tokenizer never saw: non-ASCII, tabs, runs of spaces, code, leading/trailing whitespace.
+ODD_TEXTS = [
+    "  leading spaces and trailing  \n",
+    "tabs\tand\t\tnewlines\n\n\nend",
+    "é — 日本語 ∑ 🙂 naïve façade",
+    "def f(x):\n    return {'a': [1, 2, 3]}  # comment\n",
+    "</s> <s> <unk> <pad> look like special tokens but are text",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def shakespeare():
+    return data.corpus_splits("shakespeare")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, shakespeare):
+    directory = tmp_path_factory.mktemp("tokenizer")
+    data.train_tokenizer(shakespeare["train"], 1024, directory)
+    return directory
+
+
+@pytest.mark.parametrize("name", data.CORPORA)
+def test_named_corpora_split_by_whole_documents(name):
+    documents = data.load_documents(name)
+    splits = data.corpus_splits(name)
+    assert set(splits) == set(data.SPLITS)
+    parts = [set(splits[s]) for s in data.SPLITS]
+    assert parts[0].isdisjoint(parts[1]) and parts[0].isdisjoint(parts[2]) and parts[1].isdisjoint(parts[2])
+    assert parts[0] | parts[1] | parts[2] == set(documents)  # whole documents: nothing cut, nothing lost
+    n = len(set(documents))
+    assert len(splits["test"]) == len(splits["validation"]) == math.ceil(0.05 * n)
+    assert data.corpus_splits(name) == splits  # deterministic
+
+
+def test_split_depends_on_seed_and_text_not_on_order(shakespeare):
+    documents = data.load_documents("shakespeare")
+    shuffled = documents[:]
+    random.Random(1).shuffle(shuffled)
+    assert data.split_documents(shuffled) == shakespeare
+    other = data.split_documents(documents, seed=1)
+    assert set(other["test"]) != set(shakespeare["test"])
+
+
+def test_corpora_contents():
+    plays = data.shakespeare_documents()
+    assert len(plays) == 42  # modern-spelling texts only: the First Folio twins would leak test plays into training
+    assert any(p.startswith("HAMLET, PRINCE OF DENMARK") for p in plays)
+    assert not any(p.startswith("The Tragedie of Hamlet") for p in plays)
+    books = data.kjv_documents()
+    assert len(books) == 66 and books[0].startswith("Genesis\n\n1:1 In the beginning God created")
+    assert "\n\n2:1 " in books[0]  # chapters separated by a blank line
+    import dataclasses
+    import os
+    import sysconfig
+
+    sources = data.pystdlib_documents()
+    assert open(dataclasses.__file__, encoding="utf-8").read() in sources
+    test_file = os.path.join(sysconfig.get_paths()["stdlib"], "test", "test_dataclasses.py")
+    if os.path.isfile(test_file):  # the stdlib's own tests are left out
+        assert open(test_file, encoding="utf-8").read() not in sources
+
+
+def test_duplicate_documents_cannot_straddle_splits():
+    documents = [f"document {i}" for i in range(40)] * 2
+    splits = data.split_documents(documents)
+    assert sum(len(v) for v in splits.values()) == 40
+
+
+def test_user_files_txt_jsonl_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"Document {i}.\nIt has two lines, number {i}." for i in range(6)]
+    (tmp_path / "one.txt").write_text("\n\n".join(texts))  # one file: paragraphs are documents
+    assert data.load_documents(str(tmp_path / "one.txt")) == texts
+    many = tmp_path / "many"
+    many.mkdir()
+    for i, t in enumerate(texts):
+        (many / f"{i}.txt").write_text(t)  # several files: one document each
+    assert sorted(data.load_documents(str(many))) == sorted(texts)
+    with open(tmp_path / "c.jsonl", "w") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t, "id": 0}) + "\n")
+    assert data.load_documents(str(tmp_path / "c.jsonl")) == texts
+    pq.write_table(pa.table({"text": texts}), tmp_path / "c.parquet")
+    assert data.load_documents(str(tmp_path / "c.parquet")) == texts
+    splits = data.corpus_splits(str(tmp_path / "c.parquet"))
+    assert sorted(sum(splits.values(), [])) == sorted(texts)
+
+
+def test_bad_corpus_names_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="corpus file not found: '.*missing.txt'"):
+        data.load_documents(str(tmp_path / "missing.txt"))
+    with pytest.raises(FileNotFoundError, match="not a named corpus.*shakespeare.*hub"):
+        data.load_documents("no-such-dataset-name")  # the hub is offline in tests
+    (tmp_path / "c.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(ValueError, match="no 'text' field; fields: \\['body'\\]"):
+        data.load_documents(str(tmp_path / "c.jsonl"))
+    with pytest.raises(ValueError, match="at least 3 distinct documents"):
+        data.split_documents(["a", "b", "a"])
+
+
+def test_tokenizer_round_trip_and_autotokenizer_parity(tokenizer_dir, shakespeare):
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
+    auto = AutoTokenizer.from_pretrained(tokenizer_dir)  # what users and checkpoints get
+    assert auto is not None and data.load_tokenizer(tokenizer_dir).vocab_size == sp.get_piece_size()
+    assert [sp.id_to_piece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
+    assert (auto.unk_token_id, auto.bos_token_id, auto.eos_token_id, auto.pad_token_id) == (0, 1, 2, 3)
+    code = data.pystdlib_documents()[:3]
+    held_out = [d[:20000] for d in shakespeare["test"]] + [c[:20000] for c in code] + ODD_TEXTS
+    for text in held_out:
+        ids = sp.encode(text)
+        assert sp.decode(ids) == text  # lossless: identity normalisation, whitespace kept, byte fallback
+        assert auto(text, add_special_tokens=False)["input_ids"] == ids
+        assert auto.encode(text, add_special_tokens=False) == ids
+    assert data.encode_documents(auto, held_out) == [sp.encode(t) for t in held_out]
+    assert max(max(ids, default=0) for ids in data.encode_documents(auto, held_out)) < len(auto)
+    assert sp.unk_id() not in sum(data.encode_documents(auto, ODD_TEXTS), [])  # unseen characters -> bytes
+
+
+def test_tokenizer_training_is_deterministic(tmp_path, shakespeare):
+    docs = [d[:50000] for d in shakespeare["train"][:8]]
+    data.train_tokenizer(docs, 600, tmp_path / "a")
+    data.train_tokenizer(docs, 600, tmp_path / "b")
+    assert (tmp_path / "a" / "tokenizer.model").read_bytes() == (tmp_path / "b" / "tokenizer.model").read_bytes()
+    with pytest.raises(ValueError, match="vocab_size=100 is invalid"):
+        data.train_tokenizer(docs, 100, tmp_path / "c")
+
+
+def reference_windows(token_docs, eos, seq_len):
+    """Packing written as a plain loop: a stream of doc + EOS cut every seq_len; a position counts from the later of
+    the window start and the document start."""
+    stream, doc_start = [], []
+    for doc in token_docs:
+        for i, t in enumerate(doc + [eos]):
+            stream.append(t)
+            doc_start.append(i == 0)
+    windows, positions = [], []
+    for start in range(0, len(stream) - seq_len + 1, seq_len):
+        pos, p = [], 0
+        for j in range(start, start + seq_len):
+            p = 0 if j == start or doc_start[j] else p + 1
+            pos.append(p)
+        windows.append(stream[start:start + seq_len])
+        positions.append(pos)
+    return windows, positions
+
+
+def test_packing_matches_a_plain_loop(tokenizer_dir):
+    tokenizer = data.load_tokenizer(tokenizer_dir)
+    docs = ["short one.", "a second, somewhat longer document " * 5, "x", "third " * 40, "tail " * 7]
+    windows = data.pack_windows(tokenizer, docs, 16)[:]
+    token_docs = data.encode_documents(tokenizer, docs)
+    expected, expected_positions = reference_windows(token_docs, tokenizer.eos_token_id, 16)
+    assert windows["input_ids"].tolist() == expected
+    assert windows["position_ids"].tolist() == expected_positions
+    eos = windows["input_ids"] == tokenizer.eos_token_id
+    after_eos = np.roll(eos.numpy(), 1, axis=1)
+    after_eos[:, 0] = True
+    assert (windows["position_ids"].numpy()[after_eos] == 0).all()  # restart right after every EOS
+    with pytest.raises(ValueError, match="seq_len=1 is invalid"):
+        data.pack_windows(tokenizer, docs, 1)
+
+
+def _spans(token_ids, width, count, rng):
+    starts = rng.sample(range(0, len(token_ids) - width), min(count, len(token_ids) - width))
+    return [",".join(map(str, token_ids[s:s + width])) for s in starts]
+
+
+def test_no_validation_or_test_document_appears_in_training_windows(tokenizer_dir, shakespeare):
+    tokenizer = data.load_tokenizer(tokenizer_dir)
+    windows = data.pack_windows(tokenizer, shakespeare["train"], 256)[:]
+    stream = "," + ",".join(map(str, windows["input_ids"].reshape(-1).tolist())) + ","
+    rng = random.Random(0)
+    for split in ("validation", "test"):
+        for ids in data.encode_documents(tokenizer, shakespeare[split]):
+            for span in _spans(ids, 24, 40, rng):
+                assert f",{span}," not in stream, f"a {split} span occurs in the training windows"
+    # the check can fail: spans of training documents are found
+    found = [f",{span}," in stream for ids in data.encode_documents(tokenizer, shakespeare["train"][:3])
+             for span in _spans(ids, 24, 20, rng)]
+    assert sum(found) >= 0.9 * len(found)
+
+
+def test_unigram_entropy_formula():
+    tokens = [[0, 0, 1, 2], [2, 2, 2, 5]]
+    p = np.array([2, 1, 4, 1]) / 8
+    assert data.unigram_entropy(tokens) == pytest.approx(float(-(p * np.log(p)).sum()))

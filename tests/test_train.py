@@ -1,0 +1,337 @@
+"""Training pipeline (issue 4): the loop, exact resume after SIGKILL, 2 processes = 1, bad input, non-finite loss,
+length extension with init_from, LoRA, presets."""
+
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import train
+from longctx import LongCtxForCausalLM
+from longctx.data import corpus_splits, load_tokenizer, pack_windows, shakespeare_documents, unigram_entropy
+from train.__main__ import main as train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small real corpus: the first 15k characters of 16 plays, as a jsonl file (the user-file path)."""
+    path = tmp_path_factory.mktemp("corpus") / "plays.jsonl"
+    with open(path, "w") as f:
+        for play in shakespeare_documents()[:16]:
+            f.write(json.dumps({"text": play[:15000]}) + "\n")
+    return str(path)
+
+
+def micro(out_dir, corpus, **overrides):
+    config = {"corpus": corpus, "vocab_size": 512, "seq_len": 64, "seq_len_multiple": 16, "model": dict(MICRO_MODEL),
+              "batch_size": 8, "micro_batch_size": 4, "max_steps": 8, "warmup_steps": 2, "eval_every": 4,
+              "eval_windows": 16, "save_every": 4, "keep_last": 2, "progress": False, "out_dir": str(out_dir)}
+    config.update(overrides)
+    return config
+
+
+def write_config(path, config):
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def read_log(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def losses(out_dir, key="loss"):
+    return [(e["step"], e[key]) for e in read_log(out_dir) if key in e]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus):
+    """A micro model trained for 40 steps in-process (shared by the fine-tuning tests)."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    model_dir = train.run_training(micro(out, corpus, max_steps=40, warmup_steps=4, eval_every=10, save_every=10))
+    return out, model_dir
+
+
+def test_training_lowers_loss_and_saves_a_loadable_model(trained, corpus, tmp_path):
+    out, model_dir = trained
+    assert model_dir == out / "model"
+    train_losses = [loss for _, loss in losses(out)]
+    assert len(train_losses) == 40 and train_losses[0] == pytest.approx(math.log(512), abs=0.05)
+    assert sum(train_losses[-5:]) / 5 < sum(train_losses[:5]) / 5 - 0.5
+    val = losses(out, "val_loss")
+    assert [s for s, _ in val] == [10, 20, 30, 40] and val[-1][1] < val[0][1]
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-0000030", "step-0000040"]
+    checkpoint = out / "checkpoints" / "step-0000040"
+    assert {"config.json", "model.safetensors", "modeling_longctx.py", "tokenizer.model", "tokenizer_config.json",
+            "trainer_state.json", "training_state"} <= {p.name for p in checkpoint.iterdir()}
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["step"] == 40 and state["data_position"] == {"epoch": 0, "window_offset": 320}
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["max_position_embeddings"] == 64 and config["rope_parameters"]["rope_type"] == "default"
+
+    # the final validation loss, recomputed from the saved directory in a process where longctx is not importable
+    tokenizer = load_tokenizer(model_dir)
+    windows = pack_windows(tokenizer, corpus_splits(corpus)["validation"], 64)[:16]
+    torch.save(windows["input_ids"], tmp_path / "ids.pt")
+    torch.save(windows["position_ids"], tmp_path / "pos.pt")
+    child = textwrap.dedent("""
+        import sys, torch
+        sys.modules["longctx"] = None
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        d, ids, pos, out = sys.argv[1:]
+        model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained(d)
+        assert tokenizer.eos_token_id == 2 and len(tokenizer) == model.config.vocab_size
+        with torch.no_grad():
+            torch.save(model(torch.load(ids), position_ids=torch.load(pos)).logits, out)
+    """)
+    run = subprocess.run([sys.executable, "-c", child, str(model_dir), str(tmp_path / "ids.pt"),
+                          str(tmp_path / "pos.pt"), str(tmp_path / "logits.pt")], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    logits = torch.load(tmp_path / "logits.pt")[:, :-1].double()
+    targets = windows["input_ids"][:, 1:]
+    manual = (logits.logsumexp(-1) - logits.gather(-1, targets[..., None])[..., 0]).mean()
+    assert float(manual) == pytest.approx(val[-1][1], abs=1e-4)
+
+
+def launch(args, env_extra=None, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def finish(process, timeout=300):
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def test_sigkill_mid_run_then_resume_logs_the_same_losses(tmp_path, corpus):
+    config = micro(tmp_path / "unused", corpus, max_steps=60, save_every=5, keep_last=3, eval_every=10)
+    path = write_config(tmp_path / "micro.yaml", config)
+    finish(launch(["-m", "train", "--config", path, "--out_dir", str(tmp_path / "straight")]))
+
+    killed = tmp_path / "killed"
+    process = launch(["-m", "train", "--config", path, "--out_dir", str(killed)])
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step-0000010" / "trainer_state.json").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    stopped_at = json.loads(sorted((killed / "checkpoints").glob("step-*/trainer_state.json"))[-1].read_text())
+    assert stopped_at["step"] < 60 and not (killed / "model").exists()  # it really died mid-way
+
+    finish(launch(["-m", "train", "--config", path, "--out_dir", str(killed), "--resume"]))
+    assert losses(killed) == losses(tmp_path / "straight")  # every step, bit for bit
+    assert losses(killed, "val_loss") == losses(tmp_path / "straight", "val_loss")
+    final_a = load_file(killed / "model" / "model.safetensors")
+    final_b = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_b)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_processes_match_one_at_the_same_global_batch(tmp_path, corpus):
+    path = write_config(tmp_path / "micro.yaml", micro(tmp_path / "unused", corpus, max_steps=6, save_every=6,
+                                                        eval_every=3))
+    one = launch(["-m", "train", "--config", path, "--out_dir", str(tmp_path / "one")])
+    finish(one)  # 1 process: 2 micro-batches of 4 per step
+    two = launch(["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                  "-m", "train", "--config", path, "--out_dir", str(tmp_path / "two")])
+    output = finish(two)  # 2 processes (gloo): 1 micro-batch of 4 each
+    assert "2 process(es) x 1 micro-batch(es)" in output
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
+    assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) <= 1e-4
+    assert max(abs(x - y) for (_, x), (_, y) in zip(losses(tmp_path / "one", "val_loss"),
+                                                   losses(tmp_path / "two", "val_loss"))) <= 1e-4
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--corpus", "/nonexistent/corpus.txt"], "corpus file not found: '/nonexistent/corpus.txt'"),
+    (["--config", "huge"], "unknown preset 'huge'; presets: tiny, small, 125m, 350m"),
+    (["--learning_rate", "0.1"], "config `learning_rate`=0.1 is invalid; unknown key"),
+    (["--model.hidden", "8"], "config `model.hidden`=8 is invalid; not a LongCtxConfig field"),
+    (["--model.vocab_size", "8"], "`model.vocab_size`=8 is invalid; it is set from the tokenizer"),
+    (["--seq_len", "100"], "config `seq_len`=100 is invalid; must be divisible by seq_len_multiple=16"),
+    (["--batch_size", "6"], "config `batch_size`=6 is invalid; must be divisible by micro_batch_size=4"),
+    (["--out_dir", "{file}/run"], "config `out_dir`=.* is invalid; .* is not a writable directory"),
+    (["--mixed_precision", "fp8"], "`mixed_precision`='fp8' is invalid; allowed: no, bf16, fp16"),
+    (["--init_from", "/nonexistent/model"], "`init_from`='/nonexistent/model' is invalid; expected an existing"),
+    (["--model.rope_parameters", "{rope_type: yarn}"], "rope_parameters.factor"),
+])
+def test_bad_input_stops_before_training_with_a_clear_message(tmp_path, corpus, capsys, args, message):
+    (tmp_path / "file").write_text("a regular file, not a directory")
+    path = write_config(tmp_path / "micro.yaml", micro(tmp_path / "out", corpus))
+    args = [a.replace("{file}", str(tmp_path / "file")) for a in args]
+    argv = (["--config", path] if "--config" not in args else []) + args
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m train: error: ") and re.search(message, err), err
+    assert not (tmp_path / "out").exists()  # nothing was created, nothing trained
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path, corpus, capsys):
+    config = micro(tmp_path / "run", corpus, max_steps=4)
+    train.run_training(config)
+    with pytest.raises(train.ConfigError, match="already holds a run; pass --resume"):
+        train.run_training(config)
+    with pytest.raises(train.ConfigError, match="--resume: the config differs .* in seq_len"):
+        train.run_training({**config, "seq_len": 32, "resume": True})
+    before = losses(tmp_path / "run")
+    train.run_training({**config, "resume": True})  # finished: nothing to do, the log is kept
+    assert losses(tmp_path / "run") == before
+
+
+def test_resume_in_process_with_tied_embeddings(tmp_path, corpus):
+    import shutil
+
+    config = micro(tmp_path / "straight", corpus, model={**MICRO_MODEL, "tie_word_embeddings": True})
+    train.run_training(config)
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")  # as if it had died right after step 4's save
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-0000008")
+    shutil.rmtree(tmp_path / "resumed" / "model")
+    train.run_training({**config, "out_dir": str(tmp_path / "resumed"), "resume": True})
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    assert losses(tmp_path / "resumed", "val_loss") == losses(tmp_path / "straight", "val_loss")
+    model = LongCtxForCausalLM.from_pretrained(tmp_path / "resumed" / "model")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus, monkeypatch):
+    original = LongCtxForCausalLM.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] > 2 * 6:  # 2 micro-batches per step: step 7 goes wrong
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(LongCtxForCausalLM, "forward", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(train.NonFiniteLossError, match="step 7: the training loss is nan .* last good checkpoint "
+                                                       "is .*step-0000004"):
+        train.run_training(micro(out, corpus, max_steps=12))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000004"]
+    weights = load_file(out / "checkpoints" / "step-0000004" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert [s for s, _ in losses(out)] == [1, 2, 3, 4, 5, 6] and not (out / "model").exists()
+
+
+def test_length_extension_from_a_trained_model(trained, corpus, tmp_path):
+    _, source = trained
+    config = micro(tmp_path / "ext", corpus, init_from=str(source), seq_len=256, max_steps=4, batch_size=4,
+                   micro_batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1,
+                   model={"rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+    model_dir = train.run_training(config)
+    saved = json.loads((model_dir / "config.json").read_text())
+    assert saved["rope_parameters"] == {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                        "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0}
+    assert saved["max_position_embeddings"] == 256 and saved["hidden_size"] == 32
+    assert (model_dir / "tokenizer.model").read_bytes() == (source / "tokenizer.model").read_bytes()
+    first = losses(tmp_path / "ext")[0][1]
+    assert first < math.log(512) - 1.0  # starts from the trained weights, not from scratch
+    before = load_file(source / "model.safetensors")
+    after = load_file(model_dir / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_lora_fine_tuning_saves_a_merged_plain_model(trained, corpus, tmp_path):
+    _, source = trained
+    config = micro(tmp_path / "lora", corpus, init_from=str(source), max_steps=3, lr=1e-2, warmup_steps=1,
+                   lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    model_dir = train.run_training(config)
+    before = load_file(source / "model.safetensors")
+    after = load_file(model_dir / "model.safetensors")
+    assert set(after) == set(before)  # merged: no lora_A / lora_B / base_model keys
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".q_proj." in k or ".v_proj." in k for k in changed)
+    model = LongCtxForCausalLM.from_pretrained(model_dir)
+    assert type(model) is LongCtxForCausalLM
+
+
+def test_presets_resolve_and_have_their_sizes():
+    from longctx import LongCtxConfig
+
+    expected = {"tiny": (1e6, 5e6), "small": (5e6, 40e6), "125m": (115e6, 135e6), "350m": (330e6, 370e6)}
+    for name in train.PRESETS:
+        config = train.load_preset(name)
+        assert config["seq_len"] % config["seq_len_multiple"] == 0
+        with torch.device("meta"):
+            model = LongCtxForCausalLM(LongCtxConfig(**config["model"], vocab_size=config["vocab_size"],
+                                                     max_position_embeddings=config["seq_len"]))
+        n = sum(p.numel() for p in model.parameters())
+        low, high = expected[name]
+        assert low <= n <= high, (name, n)
+    tiny = train.load_preset("tiny")
+    assert tiny["model"]["rope_parameters"]["rope_type"] == "default" and 128 <= tiny["seq_len"] <= 256
+
+
+def test_cli_overrides_are_parsed_as_yaml():
+    from train.__main__ import parse_overrides
+
+    assert parse_overrides(["--lr", "1e-3", "--init-from", "x/y", "--model.rope_parameters",
+                            "{rope_type: yarn, factor: 4}", "--resume", "--max_steps=3"]) == {
+        "lr": 1e-3, "init_from": "x/y", "model.rope_parameters": {"rope_type": "yarn", "factor": 4},
+        "resume": True, "max_steps": 3}
+    config = train.apply_overrides(train.load_preset("tiny"), {"model.logn_scaling": "trained", "lr": 1e-3})
+    assert config["model"]["logn_scaling"] == "trained" and config["model"]["hidden_size"] == 128
+
+
+@pytest.mark.slow
+def test_tiny_preset_beats_the_unigram_entropy(tmp_path):
+    config = {**train.load_preset("tiny"), "out_dir": str(tmp_path / "tiny"), "progress": False}
+    started = time.time()
+    model_dir = train.run_training(config)
+    minutes = (time.time() - started) / 60
+    tokenizer = load_tokenizer(model_dir)
+    splits = corpus_splits(config["corpus"])
+    entropy = unigram_entropy(tokenizer.sp_model.encode(splits["validation"]))
+    val_loss = losses(tmp_path / "tiny", "val_loss")[-1][1]
+    print(f"tiny: {minutes:.1f} min, validation loss {val_loss:.3f} nats, unigram entropy {entropy:.3f} nats")
+    assert val_loss < entropy - 1.0
+
+
+@pytest.mark.slow
+def test_length_extension_from_a_gguf_file(tmp_path):
+    from test_smollm2 import smollm2_gguf
+    from transformers import AutoConfig
+
+    gguf = smollm2_gguf()
+    source = AutoConfig.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    config = {**train.load_preset("tiny"), "init_from": gguf, "seq_len": 128, "batch_size": 1, "micro_batch_size": 1,
+              "max_steps": 1, "warmup_steps": 0, "lr": 1e-5, "min_lr": 1e-6, "eval_windows": 1,
+              "model": {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "out_dir": str(tmp_path / "run"),
+              "progress": False}
+    model_dir = train.run_training(config)
+    saved = json.loads((model_dir / "config.json").read_text())
+    assert saved["rope_parameters"]["rope_type"] == "yarn"
+    assert saved["rope_parameters"]["rope_theta"] == source.rope_parameters["rope_theta"]  # kept from the source
+    assert saved["hidden_size"] == source.hidden_size and saved["vocab_size"] == source.vocab_size
+    assert losses(tmp_path / "run")[0][1] < 6.0  # a pretrained model, not a random one (ln 49152 = 10.8)
+    tokenizer = load_tokenizer(model_dir)
+    assert tokenizer("Hello")["input_ids"] == load_tokenizer(gguf)("Hello")["input_ids"]

@@ -1,0 +1,240 @@
+"""Training configuration: the defaults, the presets in `train/configs/`, `--key value` overrides, validation.
+
+A config is a plain dict: `DEFAULTS` <- preset YAML <- overrides. `resolve_config` checks every key once, before
+any data is read or any model is built, and raises `ConfigError` naming the key, the value and what is allowed.
+"""
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+PRESETS = ("tiny", "small", "125m", "350m")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+# LongCtxConfig fields the pipeline sets itself: from the tokenizer, from seq_len, or derived by the config.
+PIPELINE_MODEL_FIELDS = {"vocab_size": "the tokenizer", "bos_token_id": "the tokenizer",
+                         "eos_token_id": "the tokenizer", "pad_token_id": "the tokenizer", "max_position_embeddings": "seq_len",
+                         "layer_types": "block_types", "use_cache": "the pipeline"}
+# With init_from, the architecture is the source model's; these model fields may still change (length extension).
+EXTENSION_MODEL_FIELDS = ("rope_parameters", "logn_scaling", "attention_dropout")
+LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
+# Every key, its default, and what it means (README "Training" lists the same).
+DEFAULTS = {
+    "corpus": "shakespeare",    # named corpus (shakespeare, kjv, pystdlib), txt/jsonl/parquet file|dir|glob, hub name
+    "split_seed": 0,            # seed of the whole-document train/validation/test split
+    "vocab_size": 4096,         # sentencepiece BPE trained on the train split (ignored with init_from)
+    "seq_len": 256,             # tokens per training window (L_train; the length of fine-tuning with init_from)
+    "seq_len_multiple": 64,     # seq_len must be a multiple of this
+    "model": {},                # LongCtxConfig fields: architecture and position scheme
+    "attn_implementation": "sdpa",
+    "gradient_checkpointing": False,
+    "chunked_loss": True,       # loss without materialising the logits: less memory, slower on small vocabularies
+    "init_from": None,          # model dir or .gguf to start from (fine-tuning / length extension)
+    "lora": None,               # LoRA through peft: true or {r, alpha, dropout, target_modules}
+    "batch_size": 16,           # sequences per optimizer step, all processes together
+    "micro_batch_size": 16,     # sequences per forward/backward on one process
+    "max_steps": 500,
+    "lr": 3.0e-3,
+    "min_lr": 3.0e-4,           # cosine decay ends here at max_steps
+    "warmup_steps": 50,         # linear warmup
+    "weight_decay": 0.1,        # on weight matrices and embeddings only
+    "beta1": 0.9,
+    "beta2": 0.95,
+    "grad_clip": 1.0,           # max global gradient norm; 0 = no clipping
+    "eval_every": 100,          # validation loss every N steps (and at the end)
+    "eval_windows": 64,         # validation windows scored each time; 0 = all
+    "save_every": 100,          # checkpoint every N steps (and at the end)
+    "keep_last": 2,             # checkpoints kept
+    "mixed_precision": "no",    # no | bf16 | fp16 (accelerate's autocast)
+    "seed": 0,                  # model init and data order
+    "out_dir": "runs/tiny",
+    "resume": False,            # continue from the last checkpoint in out_dir
+    "overwrite": False,         # start over in an out_dir that already holds a run
+    "progress": True,           # tqdm progress bar
+}
+
+
+class ConfigError(ValueError):
+    """A bad config key or value, raised before any training."""
+
+
+def _fail(key, value, allowed):
+    raise ConfigError(f"config `{key}`={value!r} is invalid; {allowed}.")
+
+
+def preset_path(name_or_path) -> Path:
+    """The YAML file of a preset name (`tiny`, ...) or an existing path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {str(path)!r} (presets: {', '.join(PRESETS)})")
+        return path
+    if str(name_or_path) not in PRESETS:
+        raise ConfigError(f"unknown preset {str(name_or_path)!r}; presets: {', '.join(PRESETS)} "
+                          f"(or a path to a .yaml file)")
+    return CONFIG_DIR / f"{name_or_path}.yaml"
+
+
+def load_preset(name) -> dict:
+    """DEFAULTS updated with a preset (`tiny`, `small`, `125m`, `350m`) or a YAML file; validated."""
+    with open(preset_path(name), encoding="utf-8") as f:
+        preset = yaml.safe_load(f) or {}
+    if not isinstance(preset, dict):
+        raise ConfigError(f"config file {str(preset_path(name))!r} must hold a mapping of keys to values")
+    return resolve_config(preset)
+
+
+def parse_value(text: str):
+    """A command-line value as YAML (`3`, `true`, `null`, `{rope_type: yarn, factor: 4}`); `1e-3` is a float."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(config: dict, overrides: dict) -> dict:
+    """Overrides `{"lr": 1e-3, "model.rope_parameters": {...}}` onto a copy of `config`; dotted keys go into `model`
+    and `lora`. Unknown keys are caught by `resolve_config`."""
+    config = {**config, "model": dict(config.get("model") or {})}
+    for key, value in overrides.items():
+        key = key.replace("-", "_")
+        section, _, field = key.partition(".")
+        if field:
+            if section not in ("model", "lora"):
+                _fail(key, value, "only `model.FIELD` and `lora.FIELD` take dotted keys")
+            config[section] = {**(config.get(section) or {}), field: value}
+        else:
+            config[key] = value
+    return config
+
+
+def _check_int(key, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(key, value, f"expected an integer >= {minimum}")
+
+
+def _check_float(key, value, minimum=0.0, maximum=math.inf):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not minimum <= value <= maximum:
+        _fail(key, value, f"expected a number in [{minimum}, {maximum}]")
+
+
+def _model_fields() -> set:
+    from longctx import LongCtxConfig
+
+    return set(LongCtxConfig.__annotations__)
+
+
+def _check_model(config):
+    model = config["model"]
+    if not isinstance(model, dict):
+        _fail("model", model, "expected a mapping of LongCtxConfig fields")
+    allowed = _model_fields() - set(PIPELINE_MODEL_FIELDS)
+    for field in model:
+        if field in PIPELINE_MODEL_FIELDS:
+            _fail(f"model.{field}", model[field], f"it is set from {PIPELINE_MODEL_FIELDS[field]}; leave it out")
+        if field not in allowed:
+            _fail(f"model.{field}", model[field], f"not a LongCtxConfig field; fields: {', '.join(sorted(allowed))}")
+    if config["init_from"] is None:
+        from longctx import LongCtxConfig
+
+        try:  # the architecture is validated by LongCtxConfig itself, with a stand-in vocabulary
+            LongCtxConfig(**model, vocab_size=max(config["vocab_size"], 300), max_position_embeddings=config["seq_len"])
+        except ValueError as err:
+            raise ConfigError(f"config `model`: {err}") from err
+
+
+def _check_lora(config):
+    lora = config["lora"]
+    if lora in (None, False):
+        config["lora"] = None
+        return
+    if lora is True:
+        lora = {}
+    if not isinstance(lora, dict):
+        _fail("lora", lora, "expected null, true or a mapping with keys " + ", ".join(LORA_DEFAULTS))
+    unknown = sorted(set(lora) - set(LORA_DEFAULTS))
+    if unknown:
+        _fail(f"lora.{unknown[0]}", lora[unknown[0]], f"LoRA keys: {', '.join(LORA_DEFAULTS)}")
+    lora = {**LORA_DEFAULTS, **lora}
+    _check_int("lora.r", lora["r"], 1)
+    _check_float("lora.alpha", lora["alpha"], 0.0)
+    _check_float("lora.dropout", lora["dropout"], 0.0, 1.0)
+    if importlib.util.find_spec("peft") is None:
+        _fail("lora", lora, "LoRA needs the peft package: pip install 'longctx[lora]'")
+    config["lora"] = lora
+
+
+def _check_paths(config):
+    source = config["init_from"]
+    if source is not None:
+        source = os.fspath(source)
+        if not (os.path.isdir(source) or (source.endswith(".gguf") and os.path.isfile(source))):
+            _fail("init_from", source, "expected an existing model directory or .gguf file")
+        config["init_from"] = source
+    out_dir = Path(config["out_dir"]).expanduser()
+    probe_dir = out_dir
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir() or not os.access(probe_dir, os.W_OK | os.X_OK):
+        _fail("out_dir", str(out_dir), f"{str(probe_dir)!r} is not a writable directory")
+    config["out_dir"] = str(out_dir)
+
+
+def resolve_config(config: dict) -> dict:
+    """DEFAULTS filled in and every key checked; returns a new dict. Raises ConfigError."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"a training config is a dict, got {type(config).__name__}")
+    unknown = sorted(set(config) - set(DEFAULTS))
+    if unknown:
+        _fail(unknown[0], config[unknown[0]], f"unknown key; keys: {', '.join(DEFAULTS)}")
+    config = {**DEFAULTS, **config}
+    config["model"] = dict(config["model"] or {})
+    for key in ("split_seed", "seed"):
+        _check_int(key, config[key], 0)
+    for key in ("seq_len", "seq_len_multiple", "batch_size", "micro_batch_size", "max_steps", "eval_every",
+                "save_every", "keep_last"):
+        _check_int(key, config[key], 1)
+    for key in ("vocab_size",):
+        _check_int(key, config[key], 300)
+    for key in ("warmup_steps", "eval_windows"):
+        _check_int(key, config[key], 0)
+    for key in ("lr", "min_lr", "weight_decay", "grad_clip"):
+        _check_float(key, config[key])
+    for key in ("beta1", "beta2"):
+        _check_float(key, config[key], 0.0, 1.0)
+    if config["lr"] <= 0:
+        _fail("lr", config["lr"], "must be > 0")
+    if config["min_lr"] > config["lr"]:
+        _fail("min_lr", config["min_lr"], f"must be <= lr={config['lr']}")
+    if config["warmup_steps"] > config["max_steps"]:
+        _fail("warmup_steps", config["warmup_steps"], f"must be <= max_steps={config['max_steps']}")
+    if config["seq_len"] % config["seq_len_multiple"]:
+        _fail("seq_len", config["seq_len"], f"must be divisible by seq_len_multiple={config['seq_len_multiple']}")
+    if config["batch_size"] % config["micro_batch_size"]:
+        _fail("batch_size", config["batch_size"],
+              f"must be divisible by micro_batch_size={config['micro_batch_size']} (times the number of processes)")
+    if config["mixed_precision"] not in MIXED_PRECISION:
+        _fail("mixed_precision", config["mixed_precision"], f"allowed: {', '.join(MIXED_PRECISION)}")
+    if config["attn_implementation"] not in ATTN_IMPLEMENTATIONS:
+        _fail("attn_implementation", config["attn_implementation"], f"allowed: {', '.join(ATTN_IMPLEMENTATIONS)}")
+    for key in ("gradient_checkpointing", "chunked_loss", "resume", "overwrite", "progress"):
+        if not isinstance(config[key], bool):
+            _fail(key, config[key], "expected true or false")
+    if not isinstance(config["corpus"], str) or not config["corpus"]:
+        _fail("corpus", config["corpus"], "expected a corpus name, a path or a hub dataset name")
+    _check_paths(config)
+    _check_lora(config)
+    _check_model(config)
+    return config
+
+
+__all__ = ["DEFAULTS", "PRESETS", "ConfigError", "apply_overrides", "load_preset", "parse_value", "preset_path",
+           "resolve_config"]

@@ -1,0 +1,372 @@
+"""The training loop: one flat function on `accelerate`, read top to bottom (nanoGPT-style).
+
+corpus -> split -> tokenizer -> packed windows -> model (new, or `init_from` with a new position scheme) ->
+AdamW + warmup/cosine -> steps (accumulation, clipping) -> JSONL log, validation loss, checkpoints.
+The same code runs on one CPU, several CPU processes (gloo) and several GPUs (DDP or FSDP), launched with
+`accelerate launch`; `batch_size` is global, so the same config gives the same steps on any number of processes.
+"""
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from longctx import LongCtxConfig, LongCtxForCausalLM
+from longctx.configuration_longctx import original_max_positions
+from longctx.data import corpus_splits, load_tokenizer, pack_windows, train_tokenizer
+from longctx.rope import set_rope
+
+from .checkpoint import (
+    list_checkpoints,
+    publish_model,
+    read_trainer_state,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
+from .config import EXTENSION_MODEL_FIELDS, ConfigError, resolve_config
+
+# Keys that may differ when resuming (they change the schedule's length or the bookkeeping, not what a step does).
+RESUMABLE_CHANGES = ("max_steps", "eval_every", "eval_windows", "save_every", "keep_last", "progress", "resume",
+                     "overwrite", "out_dir")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient norm) became NaN or infinite; the run stopped before the optimizer step."""
+
+
+# --- run directory ---------------------------------------------------------------------------------------------
+
+def prepare_out_dir(config, accelerator):
+    """Create/check `out_dir`; returns the checkpoint to resume from, or None. Raises before any training."""
+    out = Path(config["out_dir"])
+    saved_config = out / "config.yaml"
+    if config["resume"] and saved_config.is_file():
+        with open(saved_config, encoding="utf-8") as f:
+            previous = yaml.safe_load(f)
+        changed = sorted(k for k in set(previous) | set(config)
+                         if k not in RESUMABLE_CHANGES and previous.get(k) != config.get(k))
+        if changed:
+            raise ConfigError(f"--resume: the config differs from the run in {out} in {', '.join(changed)} "
+                              f"(e.g. {changed[0]}: {previous.get(changed[0])!r} -> {config.get(changed[0])!r}); "
+                              f"only {', '.join(RESUMABLE_CHANGES)} may change")
+    elif not config["resume"] and (saved_config.exists() or list_checkpoints(out)) and not config["overwrite"]:
+        raise ConfigError(f"out_dir {str(out)!r} already holds a run; pass --resume to continue it, "
+                          f"--overwrite true to start over, or choose another --out_dir")
+    probe = out / f".write-test-{accelerator.process_index}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"config `out_dir`={str(out)!r} is not writable: {err}") from err
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if not config["resume"]:
+            for name in ("checkpoints", "model", "tokenizer", "log.jsonl"):
+                path = out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        remove_partial_checkpoints(out)
+        with open(out / ".config.yaml.tmp", "w", encoding="utf-8") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+        (out / ".config.yaml.tmp").replace(saved_config)
+    accelerator.wait_for_everyone()
+    checkpoints = list_checkpoints(out) if config["resume"] else []
+    return checkpoints[-1] if checkpoints else None
+
+
+class JsonlLog:
+    """One JSON object per line, flushed at once. Resuming drops the lines written after the checkpoint."""
+
+    def __init__(self, path, enabled: bool, keep_through_step: int):
+        self.path, self.enabled = Path(path), enabled
+        if enabled and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= keep_through_step]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
+
+    def write(self, **record):
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# --- tokenizer and model ---------------------------------------------------------------------------------------
+
+def get_tokenizer(config, train_documents, out_dir):
+    """The source model's tokenizer (init_from), the run's saved one (resume), or a new one on the train split."""
+    if config["init_from"] is not None:
+        try:
+            return load_tokenizer(config["init_from"])
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"config `init_from`={config['init_from']!r}: no tokenizer could be loaded from it "
+                              f"({err})") from err
+    directory = Path(out_dir) / "tokenizer"
+    if (directory / "tokenizer_config.json").is_file():
+        return load_tokenizer(directory)
+    return train_tokenizer(train_documents, config["vocab_size"], directory, seed=config["split_seed"])
+
+
+def load_source_model(source):
+    """A longctx model directory, a Llama directory or a GGUF file, as a float32 LongCtxForCausalLM."""
+    from longctx.convert import from_llama
+
+    config_file = Path(source) / "config.json"
+    if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "longctx":
+        return LongCtxForCausalLM.from_pretrained(source, dtype=torch.float32)
+    return from_llama(source).float()
+
+
+def build_model(config, tokenizer):
+    """A new model (seeded) of the `model` fields, or the `init_from` model with a new position scheme / length."""
+    if config["init_from"] is None:
+        torch.manual_seed(config["seed"])
+        model_config = LongCtxConfig(**config["model"], vocab_size=len(tokenizer),
+                                     max_position_embeddings=config["seq_len"], bos_token_id=tokenizer.bos_token_id,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                     attn_implementation=config["attn_implementation"])
+        return LongCtxForCausalLM(model_config)
+    model = load_source_model(config["init_from"])
+    if len(tokenizer) > model.config.vocab_size:
+        raise ConfigError(f"init_from: the tokenizer has {len(tokenizer)} tokens, the model only "
+                          f"{model.config.vocab_size}")
+    new = {k: v for k, v in config["model"].items() if k in EXTENSION_MODEL_FIELDS}
+    ignored = {k: v for k, v in config["model"].items() if k not in new and getattr(model.config, k, v) != v}
+    if ignored:
+        print(f"init_from: the architecture is {config['init_from']}'s; ignoring " +
+              ", ".join(f"model.{k}={v!r} (source: {getattr(model.config, k)!r})" for k, v in ignored.items()))
+    source_rope = model.config.rope_parameters
+    rope = dict(new["rope_parameters"]) if "rope_parameters" in new else dict(source_rope)
+    rope.setdefault("rope_theta", source_rope["rope_theta"])  # the base the source was trained with
+    rope.setdefault("original_max_position_embeddings", original_max_positions(model.config))  # its L_train
+    try:
+        set_rope(model, rope, new.get("logn_scaling"))
+    except ValueError as err:
+        raise ConfigError(f"config `model.rope_parameters` for init_from: {err}") from err
+    model.config.max_position_embeddings = max(config["seq_len"], model.config.max_position_embeddings)
+    model.config.attention_dropout = new.get("attention_dropout", model.config.attention_dropout)
+    model.set_attn_implementation(config["attn_implementation"])
+    return model
+
+
+def add_lora(model, lora):
+    """Wrap with peft LoRA adapters (only they train); checkpoints are saved merged."""
+    import peft
+
+    adapter = peft.LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                              target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, adapter)
+
+
+# --- optimisation ----------------------------------------------------------------------------------------------
+
+def param_groups(model, weight_decay):
+    """Weight decay on matrices and embeddings (ndim >= 2), none on norms and biases (nanoGPT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def lr_factor(step, config):
+    """Linear warmup to lr, then cosine decay to min_lr at max_steps; as a multiple of lr (for LambdaLR)."""
+    lr, min_lr, warmup, total = config["lr"], config["min_lr"], config["warmup_steps"], config["max_steps"]
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return (min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)) / lr
+
+
+# --- data order ------------------------------------------------------------------------------------------------
+
+class BatchOrder:
+    """Which windows make global step `s`: a seeded permutation per epoch, `batch_size` windows per step.
+
+    The data position of step s is (epoch, offset) = divmod(s, steps_per_epoch), so a resumed run draws the same
+    windows as one that never stopped. Each process takes a contiguous share of the global batch.
+    """
+
+    def __init__(self, n_windows, batch_size, seed):
+        self.n, self.batch_size, self.seed = n_windows, batch_size, seed
+        self.steps_per_epoch = n_windows // batch_size
+        self._epoch, self._order = None, None
+
+    def position(self, step):
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        return {"epoch": epoch, "window_offset": offset * self.batch_size}
+
+    def rows(self, step):
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.n, generator=generator)
+        return self._order[offset * self.batch_size:(offset + 1) * self.batch_size]
+
+
+def fingerprint(windows) -> str:
+    """sha256 of the training windows, stored in checkpoints: a resume on other data is refused."""
+    return hashlib.sha256(windows[:]["input_ids"].numpy().tobytes()).hexdigest()[:16]
+
+
+def lm_loss(model, batch, device, chunked=None):
+    """Mean next-token cross-entropy of a batch of windows, position_ids restarting at document starts.
+    `chunked` (longctx models only) computes it without materialising the logits (`skip_logits`)."""
+    input_ids = batch["input_ids"].to(device)
+    extra = {} if chunked is None else {"skip_logits": chunked}
+    return model(input_ids=input_ids, position_ids=batch["position_ids"].to(device), labels=input_ids,
+                 use_cache=False, **extra).loss
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, windows, config) -> float:
+    """Mean loss over the first `eval_windows` validation windows, shared evenly between processes."""
+    n = len(windows) if config["eval_windows"] == 0 else min(config["eval_windows"], len(windows))
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n = max(world, n - n % world)  # the same number of batches on every process
+    rows = [i % len(windows) for i in range(rank, n, world)]
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    model.eval()
+    for start in range(0, len(rows), config["micro_batch_size"]):
+        batch = windows[rows[start:start + config["micro_batch_size"]]]
+        loss = lm_loss(model, batch, accelerator.device, config["chunked_loss"])  # prepared: autocasts itself
+        targets = batch["input_ids"][:, 1:].numel()
+        total += torch.stack([loss.double() * targets, torch.tensor(targets, dtype=torch.float64,
+                                                                    device=accelerator.device)])
+    model.train()
+    total = accelerator.reduce(total, "sum")
+    return float(total[0] / total[1])
+
+
+# --- the run ---------------------------------------------------------------------------------------------------
+
+def run_training(config: dict) -> Path:
+    """Train (or fine-tune) as `config` says; returns `out_dir/model`, the final model + tokenizer directory."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    config = resolve_config(config)
+    splits = corpus_splits(config["corpus"], seed=config["split_seed"])  # a missing corpus fails before out_dir
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config["mixed_precision"])
+    main, world = accelerator.is_main_process, accelerator.num_processes
+    if config["batch_size"] % (config["micro_batch_size"] * world):
+        raise ConfigError(f"config `batch_size`={config['batch_size']} is invalid; must be divisible by "
+                          f"micro_batch_size={config['micro_batch_size']} x {world} processes")
+    out_dir = Path(config["out_dir"])
+    resume_from = prepare_out_dir(config, accelerator)
+
+    # data: whole-document split (above), tokenizer from the train split, fixed-length windows
+    with accelerator.main_process_first():
+        tokenizer = get_tokenizer(config, splits["train"], out_dir)
+    seq_len = config["seq_len"]
+    train_windows = pack_windows(tokenizer, splits["train"], seq_len)
+    val_windows = pack_windows(tokenizer, splits["validation"], seq_len)
+    per_process = config["batch_size"] // world
+    if len(train_windows) < config["batch_size"]:
+        raise ConfigError(f"corpus {config['corpus']!r}: the train split gives {len(train_windows)} windows of "
+                          f"seq_len={seq_len}, fewer than batch_size={config['batch_size']}")
+    if len(val_windows) == 0:
+        raise ConfigError(f"corpus {config['corpus']!r}: the validation split is shorter than one window of "
+                          f"seq_len={seq_len}")
+    accum = per_process // config["micro_batch_size"]
+    order = BatchOrder(len(train_windows), config["batch_size"], config["seed"])
+    data_id = fingerprint(train_windows)
+
+    # model, optimizer, schedule (the model is prepared first, as FSDP needs)
+    model = build_model(config, tokenizer)
+    if config["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable()
+    if config["lora"] is not None:
+        if accelerator.distributed_type == DistributedType.FSDP:
+            raise ConfigError("config `lora`: LoRA is supported with DDP and single processes, not with FSDP")
+        model = add_lora(model, config["lora"])
+    model = accelerator.prepare(model)
+    optimizer = torch.optim.AdamW(param_groups(model, config["weight_decay"]), lr=config["lr"],
+                                  betas=(config["beta1"], config["beta2"]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+    optimizer = accelerator.prepare(optimizer)  # the scheduler stays unprepared: one step per optimizer step
+    accelerator.register_for_checkpointing(scheduler)
+
+    step, tokens_seen = 0, 0
+    if resume_from is not None:
+        state = read_trainer_state(resume_from)
+        if state["data_fingerprint"] != data_id:
+            raise ConfigError(f"--resume: the training windows differ from those of {resume_from} (corpus or "
+                              f"tokenizer changed)")
+        accelerator.load_state(str(resume_from / "training_state"))
+        step, tokens_seen = state["step"], state["tokens_seen"]
+    last_checkpoint = resume_from
+    log = JsonlLog(out_dir / "log.jsonl", main, keep_through_step=step)
+    if main:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"train: {len(train_windows)} windows x {seq_len} tokens, validation {len(val_windows)}; "
+              f"{n_params / 1e6:.2f}M parameters; {world} process(es) x {accum} micro-batch(es) of "
+              f"{config['micro_batch_size']} ({accelerator.distributed_type.value}, {accelerator.device}); "
+              f"{'resuming at step ' + str(step) if step else 'from step 0'}",
+              flush=True)
+
+    model.train()
+    progress = tqdm(total=config["max_steps"], initial=step, disable=not (main and config["progress"]),
+                    desc="train", dynamic_ncols=True)
+    start_time, start_step = time.time(), step
+    while step < config["max_steps"]:
+        rank = accelerator.process_index
+        rows = order.rows(step)[rank * per_process:(rank + 1) * per_process].tolist()
+        lr = scheduler.get_last_lr()[0]
+        losses = []
+        for micro in range(accum):
+            batch = train_windows[rows[micro * config["micro_batch_size"]:(micro + 1) * config["micro_batch_size"]]]
+            sync = nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
+            with sync:
+                loss = lm_loss(model, batch, accelerator.device, config["chunked_loss"])
+                accelerator.backward(loss / accum)
+            losses.append(loss.detach().float())
+        loss = float(accelerator.reduce(torch.stack(losses).mean(), "mean"))
+        grad_norm = None
+        if config["grad_clip"] > 0:
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config["grad_clip"]))
+        bad_norm = grad_norm is not None and not math.isfinite(grad_norm) and config["mixed_precision"] != "fp16"
+        if not math.isfinite(loss) or bad_norm:
+            what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+            where = (f"The last good checkpoint is {last_checkpoint}; continue from its weights with a lower lr "
+                     f"(or more warmup_steps): --init-from {last_checkpoint}" if last_checkpoint is not None
+                     else "No checkpoint was written before it.")
+            raise NonFiniteLossError(f"step {step + 1}: the training {what} (not finite); stopped before the "
+                                     f"optimizer step, nothing was saved. {where}")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += config["batch_size"] * seq_len
+        elapsed = time.time() - start_time
+        log.write(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens_seen,
+                  tokens_per_s=(step - start_step) * config["batch_size"] * seq_len / max(elapsed, 1e-9),
+                  elapsed_s=elapsed)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        last = step == config["max_steps"]
+        if step % config["eval_every"] == 0 or last:
+            val_loss = evaluate(accelerator, model, val_windows, config)
+            log.write(step=step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+            progress.set_postfix(loss=f"{loss:.3f}", val_loss=f"{val_loss:.3f}", refresh=False)
+        if step % config["save_every"] == 0 or last:
+            trainer_state = {"step": step, "tokens_seen": tokens_seen, "data_position": order.position(step),
+                             "data_fingerprint": data_id, "config": config}
+            last_checkpoint = save_checkpoint(accelerator, model, tokenizer, trainer_state, out_dir,
+                                              config["keep_last"])
+    progress.close()
+    final = publish_model(accelerator, model, tokenizer, out_dir)
+    accelerator.end_training()
+    return final
+
+
+__all__ = ["NonFiniteLossError", "run_training"]

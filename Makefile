@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml constraints-cpu.txt Makefile
 
 install: $(STAMP)
 
+# The main job: the length-extrapolation sweep on the embedded default (trained once, then cached).
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(PY) -m eval.extrapolation --model default
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" --timeout 900

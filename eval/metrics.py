@@ -1,0 +1,96 @@
+"""Scoring protocols of SPEC §3: per-token loss and accuracy from one forward, `chunked`, `sliding`, `by-position`.
+
+Aggregation is token-weighted: perplexity = exp(total NLL / tokens scored), accuracy = hits / tokens scored.
+"""
+
+import math
+
+import torch
+
+LOGITS_BYTES = 8 * 2**20  # float32 logits per slice of positions: small enough to stay in cache for the loss passes
+
+
+@torch.no_grad()
+def token_scores(model, input_ids: torch.Tensor):
+    """(nll, correct), each (batch, L − 1): loss and argmax hit of predicting token t+1 from tokens 0..t.
+
+    One forward of the decoder; the output head runs over slices of positions, so memory stays flat in L and in
+    the vocabulary size (a 16k window of a 49k vocabulary would otherwise need 3 GB of logits).
+    """
+    hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+    hidden = model.output_hidden(hidden)[:, :-1]  # (batch, L - 1, hidden): position t predicts token t + 1
+    targets = input_ids[:, 1:]
+    step = max(1, LOGITS_BYTES // (4 * targets.shape[0] * model.config.vocab_size))
+    nll, correct = [], []
+    for start in range(0, targets.shape[1], step):
+        target = targets[:, start:start + step]
+        logits = model.lm_head(hidden[:, start:start + step]).float().reshape(target.numel(), -1)  # (tokens, vocab)
+        loss, hit = nll_and_hits(logits, target.reshape(-1))
+        nll.append(loss.view(target.shape))
+        correct.append(hit.view(target.shape))
+    return torch.cat(nll, dim=1), torch.cat(correct, dim=1)
+
+
+def nll_and_hits(logits: torch.Tensor, target: torch.Tensor):
+    """Cross-entropy log Σ exp(x − m) + m − x_target and argmax hits from one max pass, computed in place in
+    `logits` (tokens, vocab), which is overwritten: half the passes of `F.cross_entropy` + `argmax`."""
+    top, argmax = logits.max(dim=-1)  # the first maximal index on ties, as argmax
+    target_logit = logits.gather(-1, target[:, None])[:, 0]
+    log_sum = logits.sub_(top[:, None]).exp_().sum(dim=-1).log_()
+    return log_sum + top - target_logit, argmax == target
+
+
+class Score:
+    """Running sums over windows: NLL, hits and count of the scored tokens, and the loss at each position."""
+
+    def __init__(self):
+        self.nll_sum, self.correct, self.count = 0.0, 0, 0
+        self.position_nll, self.position_windows = None, 0  # (L - 1,) float64 sums over chunked windows
+
+    def add(self, nll: torch.Tensor, correct: torch.Tensor, scored: int | None = None):
+        """Add a batch of windows (batch, L − 1); only the last `scored` predictions count (None: all)."""
+        if scored is None:
+            sums = nll.double().sum(dim=0).cpu()
+            self.position_nll = sums if self.position_nll is None else self.position_nll + sums
+            self.position_windows += nll.shape[0]
+        else:
+            nll, correct = nll[:, -scored:], correct[:, -scored:]
+        self.nll_sum += float(nll.double().sum())
+        self.correct += int(correct.sum())
+        self.count += nll.numel()
+
+    @property
+    def loss(self) -> float:
+        return self.nll_sum / self.count
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 700.0))  # exp overflows a float past ~709
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.count
+
+    def by_position(self, max_points=512) -> dict | None:
+        """Mean loss at each query position p (predicting token p+1), averaged over windows, in buckets of
+        `bucket` consecutive positions so that at most `max_points` values are kept."""
+        if self.position_nll is None:
+            return None
+        curve = self.position_nll / self.position_windows
+        bucket = math.ceil(len(curve) / max_points)
+        means = [float(curve[i:i + bucket].mean()) for i in range(0, len(curve), bucket)]
+        return {"bucket": bucket, "loss": means}
+
+
+def score_windows(model, windows: torch.Tensor, scored=None, batch_size=1, progress=None) -> Score:
+    """Score `windows` (n, L) in batches; `scored` = the number of final predictions counted per window
+    (the sliding stride S), None for all (chunked). `progress` is a tqdm bar advanced by windows."""
+    score = Score()
+    device = next(model.parameters()).device
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start:start + batch_size].to(device)
+        nll, correct = token_scores(model, batch)
+        score.add(nll, correct, scored)
+        if progress is not None:
+            progress.update(len(batch))
+    return score

@@ -1,0 +1,163 @@
+"""What `--model` names: `default` (the embedded model, trained once and cached), a model directory, or a GGUF file.
+
+Every model is loaded as a `LongCtxForCausalLM` (Llama directories and GGUF files through `longctx.convert`), so
+`longctx.rope.set_rope` can switch its position scheme without reloading weights.
+"""
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "spiece.model", "vocab.json")
+DEFAULT_PRESET = "tiny"
+DEFAULT_CORPUS = "shakespeare"
+TRAIN_CONFIG = "train_config.yaml"  # the training config kept beside the cached default model
+
+
+@dataclass
+class LoadedModel:
+    model: object  # LongCtxForCausalLM, in eval mode
+    tokenizer: object
+    name: str  # what the results are filed under
+    fingerprint: str  # changes whenever the weights or config change: part of every cache key
+    trained_on: tuple[str, int] | None = None  # (corpus, split_seed) from the training config beside the model
+
+
+def cache_root() -> Path:
+    """Where the default model is kept: $LONGCTX_CACHE, else ~/.cache/longctx."""
+    return Path(os.environ.get("LONGCTX_CACHE") or Path.home() / ".cache" / "longctx")
+
+
+def default_model_dir(log=print) -> Path:
+    """The embedded default model: trained with the `tiny` preset on the default corpus the first time, then
+    cached. Training holds a lock (a second process waits, then finds the model), works in a staging folder that
+    a killed run leaves behind and the next one removes, and moves the finished model into place with one
+    `os.replace`: there is never half a model at the cached path."""
+    root = cache_root()
+    target = root / "default"
+    if (target / "config.json").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".default.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").exists():
+            return target
+        for stale in root.glob(".default-training-*"):  # left by a killed run; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        from train import load_preset, run_training
+
+        log(f"No cached default model at {target}: training the '{DEFAULT_PRESET}' preset (once; a few minutes on "
+            "CPU).")
+        with tempfile.TemporaryDirectory(dir=root, prefix=".default-training-") as work:
+            config = load_preset(DEFAULT_PRESET)
+            config["out_dir"] = str(Path(work) / "run")
+            staged = Path(work) / "model"
+            shutil.copytree(run_training(config), staged)
+            _copy_training_config(config, staged)
+            os.replace(staged, target)
+    log(f"Default model cached at {target}.")
+    return target
+
+
+def _copy_training_config(config, staged: Path):
+    """Keep the run's config beside the model: it names the corpus, so the eval can use its held-out split."""
+    shutil.copy(Path(config["out_dir"]) / "config.yaml", staged / TRAIN_CONFIG)
+
+
+def training_corpus(directory) -> tuple[str, int] | None:
+    """(corpus, split_seed) a model was trained on, read from the training config beside it: DIR/train_config.yaml
+    (the cached default) or DIR/../config.yaml (a `python -m train` run's out_dir/model). None if not found."""
+    import yaml
+
+    directory = Path(directory)
+    for path in (directory / TRAIN_CONFIG, directory.parent / "config.yaml"):
+        if path.is_file():
+            config = yaml.safe_load(path.read_text()) or {}
+            if isinstance(config, dict) and "corpus" in config:
+                return str(config["corpus"]), int(config.get("split_seed", 0))
+    return None
+
+
+def fingerprint(paths) -> str:
+    """Hash of the config files' bytes and the weight files' names, sizes and modification times."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        digest.update(path.name.encode())
+        if path.suffix == ".json":
+            digest.update(path.read_bytes())
+        else:
+            stat = path.stat()
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _check_tokenizer(directory: Path):
+    if not any((directory / name).exists() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"model directory {directory} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): the evaluation "
+            "tokenises its text with the model's own tokenizer. Save it beside the weights with "
+            "`tokenizer.save_pretrained(directory)`.")
+
+
+def load_directory(directory, dtype=torch.float32, device="cpu"):
+    """(model, tokenizer) from a longctx or Llama model directory that also holds its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from longctx import LongCtxForCausalLM
+    from longctx.convert import from_llama
+
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{directory} is not a model directory (no config.json).")
+    _check_tokenizer(directory)
+    model_type = json.loads(config_path.read_text()).get("model_type")
+    if model_type == "longctx":
+        model = LongCtxForCausalLM.from_pretrained(directory, dtype=dtype)
+    elif model_type == "llama":
+        model = from_llama(directory).to(dtype)
+    else:
+        raise ValueError(f"{directory}: model_type={model_type!r} is not supported; the evaluation loads 'longctx' "
+                         "models and Llama-architecture models ('llama', converted with longctx.convert.from_llama).")
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(directory)
+
+
+def load_gguf(path, dtype=torch.float32, device="cpu"):
+    """(model, tokenizer) from a GGUF file (de-quantised; the tokenizer is read from the same file)."""
+    from transformers import AutoTokenizer
+
+    from longctx.convert import from_llama
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return from_llama(path).to(dtype).to(device).eval(), tokenizer
+
+
+def load_model(spec: str, dtype=torch.float32, device="cpu", log=print) -> LoadedModel:
+    """Resolve `--model`: `default`, a directory, or a `.gguf` file."""
+    if spec == "default":
+        directory = default_model_dir(log)
+        model, tokenizer = load_directory(directory, dtype, device)
+        return LoadedModel(model, tokenizer, "default", fingerprint(_model_files(directory)),
+                           training_corpus(directory))
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        model, tokenizer = load_gguf(path, dtype, device)
+        return LoadedModel(model, tokenizer, path.stem, fingerprint([path]))
+    if not path.exists():
+        raise FileNotFoundError(f"--model {spec!r}: no such directory or .gguf file (or use 'default').")
+    model, tokenizer = load_directory(path, dtype, device)
+    return LoadedModel(model, tokenizer, path.resolve().name, fingerprint(_model_files(path)), training_corpus(path))
+
+
+def _model_files(directory: Path):
+    return [p for p in Path(directory).iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin")]

@@ -1,0 +1,413 @@
+"""Evaluation pipeline (issue 5): metrics against hand computations and plain forwards, windowing, the variant
+table, resumable sweeps, bad input, and end-to-end runs of `eval.extrapolation` / `eval.passkey` on a stand-in."""
+
+import csv
+import json
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eval import extrapolation, metrics, models, passkey, report, texts
+from eval.cli import parse_lengths, run_cli
+from eval.variants import BASE_VARIANTS, VARIANTS, check_variants, make_settings, variant_scheme
+from longctx import LongCtxConfig, LongCtxForCausalLM
+from longctx.rope import set_rope
+
+TRAIN_LEN = 32
+
+
+def corpus_documents():
+    """A few KB of varied English: the repository's own prose, cut into documents."""
+    words = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex every jovial banker "
+             "and an old sailor counts 12345 waves near the harbour before the evening bell rings twice").split()
+    rng = torch.Generator().manual_seed(0)
+    docs = []
+    for _ in range(12):
+        picks = torch.randint(0, len(words), (300,), generator=rng).tolist()
+        docs.append(" ".join(words[i] for i in picks) + ".\n")
+    return docs
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory):
+    """A tiny random LongCtxForCausalLM (L_train = 32) saved with a sentencepiece tokenizer, and a text corpus."""
+    from longctx.data import train_tokenizer
+
+    root = tmp_path_factory.mktemp("standin")
+    documents = corpus_documents()
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i, doc in enumerate(documents):
+        (corpus / f"doc{i:02d}.txt").write_text(doc)
+    model_dir = root / "model"
+    tokenizer = train_tokenizer(documents, 300, model_dir)
+    torch.manual_seed(0)
+    config = LongCtxConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=TRAIN_LEN,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    LongCtxForCausalLM(config).save_pretrained(model_dir)
+    return {"dir": model_dir, "corpus": corpus, "documents": documents}
+
+
+@pytest.fixture(scope="module")
+def loaded(standin):
+    return models.load_model(str(standin["dir"]))
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    kwargs = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=TRAIN_LEN)
+    return LongCtxForCausalLM(LongCtxConfig(**{**kwargs, **overrides})).eval()
+
+
+def reference_scores(model, ids):
+    """Per-token NLL and hits from the plain forward's full logits: the independent reference."""
+    with torch.no_grad():
+        logits = model(ids).logits[:, :-1].float()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    return nll.view(ids.shape[0], -1), logits.argmax(-1) == ids[:, 1:]
+
+
+# --- metrics ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("logits_bytes", [metrics.LOGITS_BYTES, 4 * 128 * 2 * 3])  # the latter: 3 positions a slice
+def test_token_scores_equal_the_plain_forward(monkeypatch, logits_bytes):
+    monkeypatch.setattr(metrics, "LOGITS_BYTES", logits_bytes)
+    model = tiny_model(tie_word_embeddings=True, tied_embedding_mode="half-swap")
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    nll, correct = metrics.token_scores(model, ids)
+    expected_nll, expected_correct = reference_scores(model, ids)
+    torch.testing.assert_close(nll, expected_nll, atol=1e-5, rtol=1e-5)
+    assert torch.equal(correct, expected_correct)
+
+
+def test_score_is_token_weighted_perplexity_and_accuracy_by_hand():
+    score = metrics.Score()
+    score.add(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[True, False, True]]))
+    score.add(torch.tensor([[0.5, 0.5, 2.0], [1.0, 1.0, 1.0]]), torch.tensor([[False, False, True], [True] * 3]))
+    assert score.count == 9
+    assert score.perplexity == pytest.approx(math.exp(12.0 / 9))
+    assert score.accuracy == pytest.approx(6 / 9)
+    assert score.by_position()["loss"] == pytest.approx([2.5 / 3, 3.5 / 3, 6.0 / 3])
+    sliding = metrics.Score()
+    sliding.add(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), torch.tensor([[True, False, True]] * 2), scored=1)
+    assert (sliding.count, sliding.accuracy) == (2, 1.0)
+    assert sliding.perplexity == pytest.approx(math.exp(4.5))
+    assert sliding.by_position() is None
+
+
+def test_chunked_and_sliding_windows_score_the_documented_tokens():
+    stream = torch.arange(100)
+    chunked = texts.chunked_windows(stream, 10, "plain", n_windows=50)
+    assert chunked.shape == (10, 10) and torch.equal(chunked.flatten(), stream)  # disjoint, in order
+    sliding = texts.sliding_windows(stream, 10, 3, n_windows=50)
+    assert sliding.shape == (31, 10)  # starts 0, 3, ..., 90
+    assert torch.equal(sliding[4], stream[12:22])
+    # the last S = 3 targets of consecutive windows are consecutive stretches of the text: each token once
+    targets = torch.cat([w[1:][-3:] for w in sliding])
+    assert torch.equal(targets, stream[7:100])
+    model = tiny_model()
+    ids = torch.randint(0, 128, (100,), generator=torch.Generator().manual_seed(2))
+    n_chunked = metrics.score_windows(model, texts.chunked_windows(ids, 10, "plain", 4), batch_size=3).count
+    n_sliding = metrics.score_windows(model, texts.sliding_windows(ids, 10, 3, 4), scored=3, batch_size=3).count
+    assert (n_chunked, n_sliding) == (4 * 9, 4 * 3)
+
+
+def test_repeat_windows_write_one_segment_twice_and_bos_counts_in_the_length():
+    stream = torch.arange(1000, 1100)
+    windows = texts.chunked_windows(stream, 11, "repeat", n_windows=3)
+    assert windows.shape == (3, 11)
+    assert torch.equal(windows[1], torch.cat([stream[6:12], stream[6:11]]))  # unit ⌈11/2⌉ = 6, cut to 11
+    with_bos = texts.chunked_windows(stream, 11, "plain", n_windows=2, bos=7)
+    assert with_bos.shape == (2, 11) and (with_bos[:, 0] == 7).all() and torch.equal(with_bos[1, 1:], stream[10:20])
+    with pytest.raises(texts.TextTooShort, match="fewer than the 200"):
+        texts.chunked_windows(stream, 200, "plain", 1)
+
+
+def test_by_position_curve_equals_per_position_losses_of_direct_forwards():
+    model = tiny_model(seed=3)
+    windows = torch.randint(0, 128, (5, 24), generator=torch.Generator().manual_seed(3))
+    score = metrics.score_windows(model, windows, batch_size=2)
+    expected = torch.stack([reference_scores(model, w[None])[0][0] for w in windows]).mean(0)
+    curve = score.by_position()
+    assert curve["bucket"] == 1
+    assert curve["loss"] == pytest.approx(expected.tolist(), abs=1e-5)
+    bucketed = score.by_position(max_points=8)  # 23 positions in buckets of 3: means of consecutive positions
+    assert bucketed["bucket"] == 3 and bucketed["loss"][1] == pytest.approx(float(expected[3:6].mean()), abs=1e-5)
+
+
+# --- variants -----------------------------------------------------------------------------------------------------
+def test_variant_table_follows_the_documented_choices():
+    config = tiny_model().config
+    settings = make_settings(config, max_length=16 * TRAIN_LEN)
+    assert (settings.train_len, settings.factor, settings.rerope_window, settings.leaky_factor) == (32, 16.0, 8, 32.0)
+    expected = {"baseline": ("default", None), "pi": ("linear", 16.0), "ntk": ("ntk", 16.0),
+                "ntk-fixed": ("ntk-fixed", 16.0), "ntk-mixed": ("ntk-mixed", 16.0), "dynamic": ("ntk", 4.0),
+                "yarn": ("yarn", 16.0), "rerope": ("rerope", None), "leaky-rerope": ("leaky-rerope", 32.0)}
+    for name in VARIANTS:
+        scheme = variant_scheme(name, settings, 4 * TRAIN_LEN)
+        rope = scheme["rope_parameters"]
+        assert (rope["rope_type"], rope.get("factor")) == expected[name.removesuffix("+logn")]
+        assert rope["original_max_position_embeddings"] == 32 and rope["rope_theta"] == 10000.0
+        assert scheme["logn_scaling"] == ("posthoc" if name.endswith("+logn") else "off")
+        if "rerope" in name:
+            assert rope["rerope_window"] == 8
+    assert make_settings(config, 128, factor=8, rerope_window=16, leaky_factor=10).as_dict()["leaky_factor"] == 10
+    assert variant_scheme("dynamic", settings, TRAIN_LEN // 2)["rope_parameters"]["factor"] == 1.0  # no scaling
+    causal = make_settings(config, 128, dynamic="causal")
+    assert variant_scheme("dynamic+logn", causal, 128)["rope_parameters"] == {
+        "rope_type": "dynamic", "rope_theta": 10000.0, "original_max_position_embeddings": 32, "factor": 1.0}
+
+
+def test_prefill_dynamic_equals_transformers_dynamic_ntk_on_a_full_forward():
+    """HF's `rope_type="dynamic"` scales by the forward's own length: our `prefill` scoring must give its losses."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from longctx.convert import from_llama
+
+    torch.manual_seed(6)
+    kwargs = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=TRAIN_LEN)
+    llama = LlamaForCausalLM(LlamaConfig(**kwargs, rope_parameters={"rope_type": "dynamic", "factor": 1.0,
+                                                                     "rope_theta": 10000.0})).eval()
+    model = from_llama(llama, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    ids = torch.randint(0, 128, (2, 3 * TRAIN_LEN), generator=torch.Generator().manual_seed(6))
+    set_rope(model, **variant_scheme("dynamic", make_settings(model.config, 4 * TRAIN_LEN), ids.shape[1]))
+    torch.testing.assert_close(metrics.token_scores(model, ids)[0], reference_scores(llama, ids)[0],
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_set_rope_switches_variants_without_touching_weights_and_logn_acts_only_beyond_l_train():
+    model = tiny_model(seed=4)
+    settings = make_settings(model.config, 4 * TRAIN_LEN)
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    short = torch.randint(0, 128, (1, TRAIN_LEN), generator=torch.Generator().manual_seed(4))
+    long = torch.randint(0, 128, (1, 3 * TRAIN_LEN), generator=torch.Generator().manual_seed(5))
+    losses = {}
+    for name in ("baseline", "baseline+logn", "pi", "ntk-mixed", "rerope", "rerope+logn"):
+        set_rope(model, **variant_scheme(name, settings, TRAIN_LEN))
+        losses[name] = [float(metrics.token_scores(model, x)[0].mean()) for x in (short, long)]
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    assert losses["baseline+logn"][0] == pytest.approx(losses["baseline"][0], abs=1e-6)  # logn† is 1 inside L_train
+    assert losses["baseline+logn"][1] != pytest.approx(losses["baseline"][1], abs=1e-6)
+    assert losses["pi"][0] != pytest.approx(losses["baseline"][0], abs=1e-6)  # PI compresses every position
+    assert losses["rerope"][0] != pytest.approx(losses["baseline"][0], abs=1e-6)  # w = 8: distances ≥ 8 clipped
+    within_window = short[:, :settings.rerope_window]  # every distance < w: ReRoPE is plain RoPE there
+    set_rope(model, **variant_scheme("rerope", settings, TRAIN_LEN))
+    rerope_short = float(metrics.token_scores(model, within_window)[0].mean())
+    set_rope(model, **variant_scheme("baseline", settings, TRAIN_LEN))
+    assert float(metrics.token_scores(model, within_window)[0].mean()) == pytest.approx(rerope_short, abs=1e-5)
+    assert float(metrics.token_scores(model, short)[0].mean()) == pytest.approx(losses["baseline"][0], abs=1e-6)
+
+
+def test_unknown_variant_and_bad_lengths_are_clear_errors():
+    settings = make_settings(tiny_model().config, 64)
+    with pytest.raises(ValueError, match=r"unknown variant 'ntk-magic'; allowed: baseline, pi, .*leaky-rerope\+logn"):
+        check_variants(["baseline", "ntk-magic"], settings)
+    trained = make_settings(tiny_model(logn_scaling="trained").config, 64)
+    assert check_variants(BASE_VARIANTS, trained) == list(BASE_VARIANTS)
+    with pytest.raises(ValueError, match="pre-trained with logn_scaling='trained'"):
+        check_variants(["pi+logn"], trained)
+    assert parse_lengths(["2x", "32", "0.5x", "64"], 32) == [16, 32, 64]
+    with pytest.raises(ValueError, match="'4k' is not a length"):
+        parse_lengths(["4k"], 32)
+    with pytest.raises(ValueError, match="--rerope-window=32 is invalid"):
+        make_settings(tiny_model().config, 64, rerope_window=32)
+
+
+# --- sweeps: resume, skipping, bad input ---------------------------------------------------------------------------
+def sweep_args(loaded, cache, variants=("baseline", "pi", "rerope+logn"), lengths=(16, 32, 64), **kwargs):
+    settings = make_settings(loaded.model.config, max(lengths))
+    return dict(model=loaded.model, tokenizer=loaded.tokenizer, documents=kwargs.pop("documents", None),
+                variants=list(variants), lengths=list(lengths), settings=settings, max_tokens=96, cache=cache,
+                model_id=loaded.fingerprint, progress=False, **kwargs)
+
+
+def test_a_killed_sweep_keeps_its_finished_rows_and_resumes_without_recomputing(standin, loaded, tmp_path,
+                                                                                 monkeypatch):
+    args = sweep_args(loaded, report.RowCache(tmp_path / "cache"), documents=standin["documents"])
+    reference = extrapolation.run_sweep(**{**args, "cache": None}).rows
+    assert len(reference) == 3 * 2 * 3  # lengths × sets × variants
+    real_score_cell, calls = extrapolation.score_cell, []
+
+    def killed_after_five(*a, **kw):
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # the process dies here, in the middle of the sweep
+        calls.append(a[2])
+        return real_score_cell(*a, **kw)
+
+    monkeypatch.setattr(extrapolation, "score_cell", killed_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        extrapolation.run_sweep(**args)
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 5  # every finished row is on disk
+    assert not list((tmp_path / "cache").glob(".*.tmp"))  # and nothing half-written
+
+    calls.clear()
+    monkeypatch.setattr(extrapolation, "score_cell", lambda *a, **kw: calls.append(a[2]) or real_score_cell(*a, **kw))
+    resumed = extrapolation.run_sweep(**args).rows
+    assert len(calls) == len(reference) - 5  # the five finished rows were read back, not recomputed
+    for got, want in zip(resumed, reference):
+        assert (got["variant"], got["length"], got["set"]) == (want["variant"], want["length"], want["set"])
+        assert got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-6)
+    calls.clear()
+    extrapolation.run_sweep(**args)
+    assert calls == []  # a finished sweep costs nothing the second time
+
+
+def test_variants_that_compute_identical_numbers_share_one_row(standin, loaded, monkeypatch):
+    model = loaded.model
+    settings = make_settings(model.config, 64)
+    ids = torch.randint(0, 300, (2, TRAIN_LEN), generator=torch.Generator().manual_seed(7))
+    scores = {}
+    for name in ("baseline", "baseline+logn", "dynamic"):  # inside L_train: logn† is × 1.0, dynamic has k = 1
+        set_rope(model, **variant_scheme(name, settings, TRAIN_LEN))
+        scores[name] = metrics.token_scores(model, ids)[0]
+    assert torch.equal(scores["baseline"], scores["baseline+logn"]) and torch.equal(scores["baseline"],
+                                                                                    scores["dynamic"])
+    real_score_cell, calls = extrapolation.score_cell, []
+    monkeypatch.setattr(extrapolation, "score_cell", lambda *a, **kw: calls.append(a[2]) or real_score_cell(*a, **kw))
+    rows = extrapolation.run_sweep(**sweep_args(loaded, None, documents=standin["documents"],
+                                                variants=("baseline", "baseline+logn", "dynamic"))).rows
+    assert len(rows) == 18 and len(calls) == 2 * 2 * 1 + 2 * 3  # one row per (length ≤ 32, set); three at 64
+    by = {(r["variant"], r["length"], r["set"]): r for r in rows}
+    for length in (16, 32):
+        assert by[("baseline+logn", length, "plain")]["loss"] == by[("baseline", length, "plain")]["loss"]
+    assert by[("baseline+logn", 64, "plain")]["loss"] != by[("baseline", 64, "plain")]["loss"]
+    assert (by[("dynamic", 64, "repeat")]["rope_type"], by[("dynamic", 64, "repeat")]["rope_parameters"]["factor"]) \
+        == ("ntk", 2.0)
+    assert by[("baseline+logn", 16, "plain")]["logn_scaling"] == "posthoc"  # labelled as asked, computed once
+
+
+def test_a_length_the_text_is_too_short_for_is_skipped_with_a_message(loaded):
+    messages = []
+    documents = ["a short text of a few words, far from one long window, repeated " * 3] * 3
+    sweep = extrapolation.run_sweep(**sweep_args(loaded, None, documents=documents, lengths=(16, 4096),
+                                                 log=messages.append))
+    assert {r["length"] for r in sweep.rows} == {16}
+    assert len(sweep.skipped) == 2 and all(s["length"] == 4096 for s in sweep.skipped)
+    assert any("skipped length 4096 (plain, chunked)" in m and "fewer than the 4096" in m for m in messages)
+
+
+def test_model_dir_without_tokenizer_and_unknown_variant_give_clear_cli_errors(standin, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    shutil.copytree(standin["dir"], bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    with pytest.raises(FileNotFoundError, match="has no tokenizer"):
+        models.load_model(str(bare))
+    assert run_cli(lambda: extrapolation.main(["--model", str(bare), "--output-dir", str(tmp_path)])) == 2
+    assert "has no tokenizer" in capsys.readouterr().err
+    assert run_cli(lambda: extrapolation.main(["--model", str(standin["dir"]), "--variants", "yarn", "nope"])) == 2
+    err = capsys.readouterr().err
+    assert "unknown variant 'nope'" in err and "ntk-mixed+logn" in err
+    assert run_cli(lambda: extrapolation.main(["--model", str(tmp_path / "missing")])) == 2
+    assert "no such directory or .gguf file" in capsys.readouterr().err
+    from eval.__main__ import main as eval_main  # `python -m eval extrapolation ...` dispatches the same way
+
+    assert eval_main(["extrapolation", "--model", str(bare)]) == 2 and "has no tokenizer" in capsys.readouterr().err
+    assert eval_main(["nonsense"]) == 2 and "usage: python -m eval" in capsys.readouterr().err
+
+
+def test_default_model_is_trained_once_and_moved_into_place(standin, tmp_path, monkeypatch):
+    import train
+
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path / "cache"))
+    runs = []
+
+    def fake_training(config):  # stands in for the tiny preset's few minutes of training
+        runs.append(config["out_dir"])
+        out = tmp_path / "run-model"
+        shutil.copytree(standin["dir"], out, dirs_exist_ok=True)
+        (tmp_path / "out").mkdir(exist_ok=True)
+        return out
+
+    monkeypatch.setattr(train, "run_training", fake_training)
+    monkeypatch.setattr(models, "_copy_training_config", lambda config, staged: (staged / models.TRAIN_CONFIG)
+                        .write_text("corpus: shakespeare\nsplit_seed: 3\n"))
+    stale = tmp_path / "cache" / ".default-training-killed"  # what a run killed mid-training leaves
+    (stale / "run").mkdir(parents=True)
+    first = models.default_model_dir(log=lambda m: None)
+    second = models.default_model_dir(log=lambda m: None)
+    assert first == second == tmp_path / "cache" / "default" and len(runs) == 1
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".default.lock", "default"]  # nothing staged
+    assert models.training_corpus(first) == ("shakespeare", 3)
+    assert models.load_model("default").fingerprint == models.load_model(str(first)).fingerprint
+
+
+# --- end to end ---------------------------------------------------------------------------------------------------
+def test_extrapolation_cli_end_to_end_writes_every_report(standin, tmp_path, capsys):
+    argv = ["--model", str(standin["dir"]), "--corpus", str(standin["corpus"]), "--lengths", "0.5x", "1x", "2x",
+            "--variants", "baseline", "ntk-mixed", "yarn+logn", "--max-tokens", "64", "--sliding", "8",
+            "--output-dir", str(tmp_path), "--run", "e2e", "--no-progress"]
+    assert extrapolation.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "plain set, chunked: perplexity (next-token accuracy %)" in out and "ntk-mixed" in out
+    run = tmp_path / "e2e"
+    with open(run / "extrapolation.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * 3 * 2 + 3 * 3  # variants × lengths × sets, plus plain sliding
+    assert {r["protocol"] for r in rows} == {"chunked", "sliding"} and {r["length"] for r in rows} == {"16", "32", "64"}
+    payload = json.loads((run / "extrapolation.json").read_text())
+    protocol = payload["protocol"]
+    assert protocol["L_train"] == TRAIN_LEN and protocol["factor_k"] == 2.0 and protocol["rerope_window"] == 8
+    assert "sliding" in protocol and "test split" in protocol["sets"]["plain"]
+    assert protocol["command"] == "python -m eval.extrapolation " + " ".join(argv)
+    row = payload["rows"][0]
+    assert row["tokens_scored"] == row["windows"] * (row["length"] - 1) and len(row["by_position"]["loss"]) == 15
+    assert math.isclose(row["perplexity"], math.exp(row["loss"]), rel_tol=1e-9)
+    assert "## Protocol" in (run / "extrapolation.md").read_text()
+    assert (run / "extrapolation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = {p: p.stat().st_mtime_ns for p in (run / "cache").iterdir()}
+    assert extrapolation.main(argv) == 0  # resumes: every row comes from the cache
+    assert {p: p.stat().st_mtime_ns for p in (run / "cache").iterdir()} == before
+
+
+def test_passkey_prompt_is_exact_and_scoring_equals_greedy_decoding(loaded):
+    tokenizer, model = loaded.tokenizer, loaded.model
+    set_rope(model, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, logn_scaling="off")
+    ids, n_answer = passkey.passkey_sample(tokenizer, "56789", 400, 0.5)
+    question, answer = passkey.answer_ids(tokenizer, "56789")
+    assert len(ids) == 400 and ids[-n_answer:] == answer and ids[-n_answer - len(question):-n_answer] == question
+    needle, intro = (tokenizer(text, add_special_tokens=False)["input_ids"]
+                     for text in (passkey.NEEDLE.format(key="56789"), passkey.INTRO))
+    starts = [i for i in range(len(ids)) if ids[i:i + len(needle)] == needle]
+    n_filler = 400 - len(intro) - len(needle) - len(question) - n_answer
+    assert starts == [len(intro) + round(0.5 * n_filler)]  # half of the filler before the needle
+    prompt = torch.tensor([ids[:-n_answer]])
+    greedy = model.generate(prompt, max_new_tokens=n_answer, do_sample=False, pad_token_id=0)[0, -n_answer:].tolist()
+    as_answer = ids[:-n_answer] + greedy  # a "key" the model retrieves by construction, and one it does not
+    wrong = ids[:-n_answer] + [(t + 1) % len(tokenizer) for t in greedy]
+    assert passkey.score_trials(model, [(as_answer, n_answer)])[0] == 1.0
+    assert passkey.score_trials(model, [(wrong, n_answer), (as_answer, n_answer)])[0] == 0.5
+    with pytest.raises(texts.TextTooShort, match="more than 100"):
+        passkey.passkey_sample(tokenizer, "56789", 100, 0.5)
+
+
+def test_passkey_cli_end_to_end(standin, tmp_path, capsys):
+    argv = ["--model", str(standin["dir"]), "--lengths", "64", "320", "400", "--variants", "baseline", "ntk",
+            "--depths", "0", "1", "--trials", "2", "--output-dir", str(tmp_path), "--run", "pk", "--no-progress"]
+    assert passkey.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "passkey accuracy % by length" in captured.out and "skipped length 64 (depth 0.0)" in captured.err
+    rows = json.loads((tmp_path / "pk" / "passkey.json").read_text())["rows"]
+    assert len(rows) == 2 * 2 * 2 and all(r["trials"] == 2 and 0 <= r["accuracy"] <= 1 for r in rows)
+    assert (tmp_path / "pk" / "passkey.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_make_demo_command_on_the_real_default_model(tmp_path):
+    """`python -m eval.extrapolation --model default` from an empty cache: trains the tiny preset, then sweeps."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LONGCTX_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-m", "eval.extrapolation", "--model", "default", "--output-dir",
+                          str(tmp_path / "results"), "--no-progress"], capture_output=True, text=True, env=env,
+                         timeout=3000)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "results" / "default" / "extrapolation.json").read_text())["rows"]
+    assert {r["variant"] for r in rows} == set(VARIANTS)
+    baseline = {(r["length"], r["set"]): r for r in rows if r["variant"] == "baseline"}
+    assert baseline[(256, "plain")]["perplexity"] < baseline[(4096, "plain")]["perplexity"]  # RoPE fails to extrapolate

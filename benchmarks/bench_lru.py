@@ -1,0 +1,162 @@
+"""LRU: the chunked scan against the sequential loop, a log-depth scan and one elementwise pass; decode memory of
+hybrid and all-LRU stacks against all-attention.
+
+Scan: hidden 256 / state 256, batch 1, complex64, forward only (no grad). `floor` is one elementwise pass over a
+tensor of the scan's size (`b * λ`, output allocated like the scan's): what any scan must at least pay.
+Memory: the bytes held in the cache after a prefill of the context plus one decoded token (keys/values of the
+attention layers, the complex64 state of the LRU layers), read from the cache tensors themselves.
+
+Timings are the fastest of several runs, the compared functions taking turns. Writes benchmarks/results/lru.json.
+
+Usage: python -m benchmarks.bench_lru [--lengths 1024 ... 65536] [--chunk-sizes 8 16 32 64 128]
+                                      [--memory-lengths 4096 8192 16384 32768]
+"""
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.common import print_table, write_results
+from longctx import LongCtxConfig, LongCtxForCausalLM
+from longctx.lru import SCAN_CHUNK_SIZE, LongCtxLRU, lru_scan, lru_scan_sequential
+from longctx.modeling_longctx import output_cache
+
+HIDDEN, STATE = 256, 256
+MEMORY_SHAPE = dict(vocab_size=1000, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096, lru_state_size=256)
+STACKS = {"attention": ["attention"] * 4, "hybrid 3:1": ["lru", "lru", "lru", "attention"], "all-lru": ["lru"] * 4}
+
+
+def best_of(fns, repeats):
+    """{name: fastest of `repeats` runs in ms}, the functions taking turns (one warm-up each) so that load from
+    other processes falls on all of them alike."""
+    best = {}
+    for name, fn in fns.items():
+        fn()
+        best[name] = float("inf")
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], 1e3 * (time.perf_counter() - start))
+    return best
+
+
+def log_depth_scan(lam, b):
+    """Hillis–Steele scan, the log-depth alternative: log2(L) passes x_t += λ^{2^k}·x_{t−2^k} (positive powers)."""
+    x, log_lam, step = b.clone(), torch.log(lam.to(torch.complex128)), 1
+    while step < x.shape[1]:
+        x[:, step:] = torch.addcmul(x[:, step:], x[:, :-step], torch.exp(step * log_lam).to(x.dtype))
+        step *= 2
+    return x
+
+
+def powers_matrix_scan(lam, b, chunk_size=32):
+    """Chunked alternative: within chunks one matmul by the (T, T) matrix of λ^{t−s}, t ≥ s, per channel; the carry
+    between chunks sequentially; then x_{c,t} += λ^{t+1}·carry_c. O(T) flops per element instead of O(1)."""
+    batch, length, size = b.shape
+    chunks = length // chunk_size  # lengths here are multiples of the chunk size
+    log_lam = torch.log(lam.to(torch.complex128))
+    steps = torch.arange(chunk_size)
+    lags = (steps[:, None] - steps[None, :]).clamp(min=0)
+    matrix = torch.exp(lags[..., None] * log_lam) * (steps[:, None] >= steps[None, :])[..., None]  # (T, T, state)
+    local = torch.matmul(matrix.permute(2, 0, 1).to(b.dtype),  # (state, T, T) @ (state, T, batch·chunks)
+                         b.view(batch * chunks, chunk_size, size).permute(2, 1, 0))
+    x = local.permute(2, 1, 0).contiguous().view(batch, chunks, chunk_size, size)
+    powers = torch.exp(torch.arange(1, chunk_size + 1)[:, None] * log_lam).to(b.dtype)  # λ^1..λ^T
+    carry = torch.zeros_like(x[:, 0, 0])
+    for c in range(chunks):
+        x[:, c] += powers * carry[:, None]
+        carry = x[:, c, -1]
+    return x.view(batch, length, size)
+
+
+def scan_inputs(length, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = 0.9 + 0.099 * torch.rand(STATE, generator=g)  # the default ring, r in [0.9, 0.999]
+    lam = torch.polar(r, 6.283 * torch.rand(STATE, generator=g))
+    b = torch.view_as_complex(torch.randn(1, length, STATE, 2, generator=g))
+    return lam, b
+
+
+@torch.no_grad()
+def scan_row(length, loop_max_length):
+    lam, b = scan_inputs(length)
+    layer = LongCtxLRU(LongCtxConfig(hidden_size=HIDDEN, lru_state_size=STATE, num_hidden_layers=1,
+                                     num_attention_heads=4, block_types=["lru"]), layer_idx=0)
+    u = torch.randn(1, length, HIDDEN)
+    fns = {"scan_ms": lambda: lru_scan(lam, b), "floor_ms": lambda: b * lam,
+           "log_depth_ms": lambda: log_depth_scan(lam, b), "matrix_ms": lambda: powers_matrix_scan(lam, b),
+           "layer_ms": lambda: layer(u)}  # layer: the whole mixer, B, the scan, C, D
+    row = {"length": length, **best_of(fns, 10 if length <= 16384 else 5)}
+    if length <= loop_max_length:
+        row.update(best_of({"loop_ms": lambda: lru_scan_sequential(lam, b)}, 2))
+        row["loop_x"] = row["loop_ms"] / row["scan_ms"]
+    row["floor_x"] = row["scan_ms"] / row["floor_ms"]
+    return row
+
+
+@torch.no_grad()
+def chunk_row(length, chunk_sizes):
+    lam, b = scan_inputs(length)
+    fns = {f"T={t}_ms": (lambda t=t: lru_scan(lam, b, chunk_size=t)) for t in chunk_sizes}
+    return {"length": length, **best_of(fns, 10 if length <= 16384 else 4)}
+
+
+def cache_bytes(cache):
+    total = 0
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None:
+            total += layer.keys.nbytes + layer.values.nbytes
+        total += sum(s.nbytes for s in getattr(layer, "recurrent_states", {}).values() if s is not None)
+    return total
+
+
+@torch.no_grad()
+def memory_row(context, prefill_chunk=4096):
+    row = {"context": context}
+    for name, block_types in STACKS.items():
+        torch.manual_seed(0)
+        model = LongCtxForCausalLM(LongCtxConfig(**MEMORY_SHAPE, block_types=block_types)).eval()
+        ids = torch.randint(0, MEMORY_SHAPE["vocab_size"], (1, context + 1))
+        cache = None
+        for start in range(0, context, prefill_chunk):  # chunked prefill keeps activations small
+            cache = output_cache(model(ids[:, start:min(start + prefill_chunk, context)], cache=cache, use_cache=True))
+        cache = output_cache(model(ids[:, context:], cache=cache, use_cache=True))  # one decode step
+        row[f"{name}_MiB"] = cache_bytes(cache) / 2**20
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
+    parser.add_argument("--loop-max-length", type=int, default=65536, help="skip the loop above this length")
+    parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[8, 16, 32, 64, 128])
+    parser.add_argument("--chunk-lengths", type=int, nargs="*", default=[4096, 16384, 65536])
+    parser.add_argument("--memory-lengths", type=int, nargs="*", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    scan = [scan_row(n, args.loop_max_length) for n in args.lengths]
+    print(f"scan (hidden {HIDDEN}, state {STATE}, chunk {SCAN_CHUNK_SIZE}): ms; loop_x = loop/scan, "
+          "floor_x = scan/floor")
+    print_table(scan, ["length", "loop_ms", "scan_ms", "log_depth_ms", "matrix_ms", "floor_ms", "loop_x", "floor_x",
+                       "layer_ms"])
+    chunks = [chunk_row(n, args.chunk_sizes) for n in args.chunk_lengths] if args.chunk_sizes else []
+    if chunks:
+        print("\nscan time by chunk size T (ms)")
+        print_table(chunks, ["length", *[f"T={t}_ms" for t in args.chunk_sizes]])
+    memory = [memory_row(n) for n in args.memory_lengths]
+    if memory:
+        print(f"\ncache after prefill + 1 decoded token (MiB); {MEMORY_SHAPE}")
+        print_table(memory, ["context", *[f"{name}_MiB" for name in STACKS]])
+    path = write_results("lru", scan, chunk_sizes=chunks, memory=memory, threads=args.threads,
+                         scan_shape={"hidden": HIDDEN, "state": STATE, "batch": 1, "chunk_size": SCAN_CHUNK_SIZE},
+                         memory_shape=MEMORY_SHAPE, stacks=STACKS)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Training throughput and memory: longctx vs transformers' LlamaForCausalLM of the same shape, in the training step.
+
+For the `tiny` and `small` presets: the same weights (`from_llama`), the same batch (`micro_batch_size` windows of
+`seq_len` tokens with position_ids), the pipeline's own step (train.loop.lm_loss -> backward -> clip -> AdamW),
+longctx with the preset's `chunked_loss`.
+- speed: both models in one process, their steps alternating, median step time of each — other work on the
+  machine slows both alike, so the ratio survives a busy machine better than two separate runs would;
+- memory: each implementation alone in a fresh process: peak RSS above the RSS before the first step (CPU),
+  torch.cuda.max_memory_allocated (GPU).
+
+Usage: python -m benchmarks.bench_train [--presets tiny small] [--steps 8] [--profile]
+"""
+
+import argparse
+import json
+import time
+
+from benchmarks.common import current_rss_bytes, peak_rss_bytes, print_table, run_case, write_results
+
+IMPLS = ("transformers", "longctx")
+
+
+def build(impl, preset):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import train
+    from longctx.convert import from_llama
+
+    config = train.load_preset(preset)
+    fields = {k: v for k, v in config["model"].items() if k != "rope_parameters"}
+    llama_config = LlamaConfig(**fields, vocab_size=config["vocab_size"], max_position_embeddings=config["seq_len"],
+                               rope_parameters=config["model"]["rope_parameters"], attn_implementation="sdpa")
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(llama_config)
+    model = llama if impl == "transformers" else from_llama(llama)
+    return model.train(), config
+
+
+def make_step(impl, preset, device, autocast):
+    """(step function returning the loss, model, config) for one implementation, with its own AdamW."""
+    import torch
+
+    from train.loop import lm_loss, param_groups
+
+    model, config = build(impl, preset)
+    model.to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95))
+    batch_size, seq_len = config["micro_batch_size"], config["seq_len"]
+    generator = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, config["vocab_size"], (batch_size, seq_len), generator=generator),
+             "position_ids": torch.arange(seq_len).expand(batch_size, -1)}
+    dtype = getattr(torch, autocast or "float32")
+    chunked = config["chunked_loss"] if impl == "longctx" else None  # the preset's choice, as in training
+
+    def step():
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            loss = lm_loss(model, batch, device, chunked)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return float(loss)
+
+    return step, model, config
+
+
+def speed_case(spec):
+    """Both implementations, steps alternating; median seconds per step of each, and the first losses."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    steps = {impl: make_step(impl, spec["preset"], device, spec.get("autocast"))[0] for impl in IMPLS}
+    _, model, config = make_step("longctx", spec["preset"], device, spec.get("autocast"))
+    first = {impl: steps[impl]() for impl in IMPLS}
+    for impl in IMPLS:
+        steps[impl]()  # warm-up
+    times = {impl: [] for impl in IMPLS}
+    for _ in range(spec["steps"]):
+        for impl in IMPLS:
+            start = time.perf_counter()
+            steps[impl]()
+            times[impl].append(time.perf_counter() - start)
+    result = {"device": device, "batch": config["micro_batch_size"], "seq_len": config["seq_len"],
+              "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+              "first_loss_diff": abs(first["longctx"] - first["transformers"])}
+    for impl in IMPLS:
+        result[f"{impl}_step_s"] = sorted(times[impl])[len(times[impl]) // 2]
+    if spec.get("profile"):
+        for impl in IMPLS:
+            with torch.profiler.profile() as prof:
+                steps[impl]()
+            result[f"{impl}_profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    return result
+
+
+def memory_case(spec):
+    """One implementation alone: peak memory of a few training steps."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    step, _, _ = make_step(spec["impl"], spec["preset"], device, spec.get("autocast"))
+    base = current_rss_bytes()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(3):
+        step()
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes() - base
+    return {"peak_mb": peak / 2**20}
+
+
+def case(spec):
+    return speed_case(spec) if spec["kind"] == "speed" else memory_case(spec)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--steps", type=int, default=8, help="timed steps of each, after one warm-up (median)")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="autocast dtype (GPU)")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops for each model")
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(case(json.loads(args.case))))
+        return
+    rows = []
+    for preset in args.presets:
+        common = {"preset": preset, "autocast": args.autocast}
+        speed = run_case("benchmarks.bench_train", {**common, "kind": "speed", "steps": args.steps,
+                                                   "profile": args.profile}, timeout=3600)
+        memory = {impl: run_case("benchmarks.bench_train", {**common, "kind": "memory", "impl": impl})["peak_mb"]
+                  for impl in IMPLS}
+        if args.profile:
+            for impl in IMPLS:
+                print(f"--- {preset} / {impl}\n{speed.pop(f'{impl}_profile')}")
+        tokens = speed["batch"] * speed["seq_len"]
+        hf_tok_s, ours_tok_s = tokens / speed["transformers_step_s"], tokens / speed["longctx_step_s"]
+        rows.append({"preset": preset, "device": speed["device"], "params_m": speed["params_m"],
+                     "batch_x_seq": f"{speed['batch']}x{speed['seq_len']}", "hf_tok_s": hf_tok_s,
+                     "longctx_tok_s": ours_tok_s, "speed_ratio": ours_tok_s / hf_tok_s,
+                     "hf_peak_mb": memory["transformers"], "longctx_peak_mb": memory["longctx"],
+                     "memory_ratio": memory["longctx"] / memory["transformers"],
+                     "first_loss_diff": speed["first_loss_diff"]})
+        print_table(rows[-1:], list(rows[-1]))
+    print()
+    print_table(rows, list(rows[0]))
+    suffix = "" if rows[0]["device"] == "cpu" else f"_{rows[0]['device']}"
+    print("wrote", write_results(f"train{suffix}", rows, steps=args.steps, autocast=args.autocast))
+
+
+if __name__ == "__main__":
+    main()

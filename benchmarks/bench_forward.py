@@ -1,19 +1,32 @@
-"""Whole-model forward with labels: longctx vs transformers' LlamaForCausalLM, same config and weights, both SDPA.
+"""Whole-model forward with labels: longctx against transformers' LlamaForCausalLM, same config, weights and dtype.
 
-Each (implementation, length) runs in a fresh process so the peak RSS above the loaded model is that forward's
-alone. Usage: python -m benchmarks.bench_forward [--lengths 2048 8192 16384] [--dtype float32]
+The evaluation workload: one forward that returns the next-token loss over every position. transformers
+materialises the (tokens × vocab) logits and their log-softmax; longctx computes the loss chunk by chunk
+(`skip_logits=True`, longctx.loss) and, in bfloat16 on CPU, runs attention as block-wise bf16 matmuls
+(`longctx.attention.blocked_attention`). Both use SDPA otherwise.
+- speed: both models in one process, forwards taking turns, median of `--repeats` each (load from other processes
+  slows both alike); `flops_frac` = longctx's achieved matmul FLOP/s over this machine's large-matmul rate in the
+  same dtype (`common.matmul_rate`);
+- memory: each implementation alone in a fresh process: peak RSS above the loaded model, one forward.
+Targets (issue 6): 16k fp32 ≥ 1.0× tokens/s and ≤ 0.6× memory; 16k bf16 ≥ 1.1× and ≤ 0.6×; 2k fp32 ≥ 1.2×.
+
+Usage: python -m benchmarks.bench_forward [--lengths 2048 8192 16384] [--dtypes float32 bfloat16] [--repeats 3]
 """
 
 import argparse
 import json
 
-from benchmarks.common import print_table, run_case, timed, write_results
+from benchmarks.common import (forward_flops, matmul_rate, median, print_table, run_case, take_turns, timed,
+                               write_results)
 
 SHAPE = dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
+IMPLS = ("transformers", "longctx")
+MODULE = "benchmarks.bench_forward"
 
 
-def build(impl, dtype):
+def build(dtype):
+    """{impl: forward-with-labels function}, the same weights, plus the longctx model."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -21,52 +34,69 @@ def build(impl, dtype):
 
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(**SHAPE, attn_implementation="sdpa")).eval()
-    model = llama if impl == "transformers" else from_llama(llama)
-    return model.to(getattr(torch, dtype))
+    ours = from_llama(llama).to(getattr(torch, dtype))
+    return {"transformers": llama.to(getattr(torch, dtype)), "longctx": ours}
+
+
+def forward_fn(impl, model, ids):
+    import torch
+
+    extra = {"skip_logits": True} if impl == "longctx" else {}
+
+    def forward():
+        with torch.no_grad():
+            return float(model(ids, labels=ids, **extra).loss)
+
+    return forward
 
 
 def case(spec):
     import torch
 
-    torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
-    model = build(spec["impl"], spec["dtype"])
+    torch.manual_seed(0)
     ids = torch.randint(0, SHAPE["vocab_size"], (1, spec["length"]), generator=torch.Generator().manual_seed(0))
-
-    # longctx computes the loss in chunks without materialising the logits (skip_logits); transformers cannot
-    extra = {} if spec["impl"] == "transformers" else {"skip_logits": True}
-
-    def forward():
-        with torch.no_grad():
-            return model(ids, labels=ids, **extra).loss
-
-    seconds, peak = timed(forward, repeats=spec.get("repeats", 2))
-    n_params = sum(p.numel() for p in model.parameters())
-    return {**spec, "seconds": seconds, "tokens_per_s": spec["length"] / seconds, "peak_mb": peak / 2**20,
-            "loss": float(forward()), "params_m": n_params / 1e6}
+    if spec["measure"] == "memory":
+        model = build(spec["dtype"])[spec["impl"]]
+        _, peak = timed(forward_fn(spec["impl"], model, ids), repeats=0)
+        return {"peak_mb": peak / 2**20}
+    models = build(spec["dtype"])
+    fns = {impl: forward_fn(impl, model, ids) for impl, model in models.items()}
+    losses = {impl: fn() for impl, fn in fns.items()}
+    times = take_turns(fns, spec["repeats"])
+    return {"seconds": {impl: median(t) for impl, t in times.items()}, "losses": losses,
+            "flops": forward_flops(models["longctx"].config, spec["length"]), "matmul_rate": matmul_rate(spec["dtype"])}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=3, help="timed forwards of each (median), after a warm-up")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(case(json.loads(args.case))))
         return
     rows = []
-    for length in args.lengths:
-        pair = {impl: run_case("benchmarks.bench_forward", {"impl": impl, "length": length, "dtype": args.dtype})
-                for impl in ("transformers", "longctx")}
-        hf, ours = pair["transformers"], pair["longctx"]
-        rows.append({"length": length, "dtype": args.dtype, "hf_tok_s": hf["tokens_per_s"],
-                     "longctx_tok_s": ours["tokens_per_s"], "speed_ratio": ours["tokens_per_s"] / hf["tokens_per_s"],
-                     "hf_peak_mb": hf["peak_mb"], "longctx_peak_mb": ours["peak_mb"],
-                     "memory_ratio": ours["peak_mb"] / hf["peak_mb"], "loss_diff": abs(ours["loss"] - hf["loss"])})
-        print_table(rows[-1:], list(rows[-1]))
+    for dtype in args.dtypes:
+        for length in args.lengths:
+            spec = {"length": length, "dtype": dtype}
+            speed = run_case(MODULE, {**spec, "measure": "speed", "repeats": args.repeats}, timeout=3600)
+            memory = {impl: run_case(MODULE, {**spec, "measure": "memory", "impl": impl})["peak_mb"] for impl in IMPLS}
+            hf_s, ours_s = speed["seconds"]["transformers"], speed["seconds"]["longctx"]
+            rows.append({"length": length, "dtype": dtype, "hf_tok_s": length / hf_s, "longctx_tok_s": length / ours_s,
+                         "speed_ratio": hf_s / ours_s, "hf_peak_mb": memory["transformers"],
+                         "longctx_peak_mb": memory["longctx"], "memory_ratio": memory["longctx"] / memory["transformers"],
+                         "loss_diff": abs(speed["losses"]["longctx"] - speed["losses"]["transformers"]),
+                         "longctx_gflops": speed["flops"] / ours_s / 1e9,
+                         "flops_frac": speed["flops"] / ours_s / speed["matmul_rate"],
+                         "matmul_gflops": speed["matmul_rate"] / 1e9})
+            print_table(rows[-1:], list(rows[-1]))
     print()
     print_table(rows, list(rows[0]))
-    print("wrote", write_results(f"forward_{args.dtype}", rows, shape=SHAPE))
+    print("wrote", write_results("forward", rows, shape=SHAPE, repeats=args.repeats,
+                                 targets={"16384 float32": "speed >= 1.0, memory <= 0.6",
+                                          "16384 bfloat16": "speed >= 1.1, memory <= 0.6", "2048 float32": "speed >= 1.2"}))
 
 
 if __name__ == "__main__":

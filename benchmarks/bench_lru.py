@@ -1,15 +1,12 @@
-"""LRU: the chunked scan against the sequential loop, a log-depth scan and one elementwise pass; decode memory of
-hybrid and all-LRU stacks against all-attention.
+"""LRU: the chunked scan against the sequential loop, a log-depth scan, a λ^{t−s}-matrix scan and one elementwise
+pass. (Decode speed and cache memory of hybrid and all-LRU stacks: benchmarks/bench_decode.py.)
 
 Scan: hidden 256 / state 256, batch 1, complex64, forward only (no grad). `floor` is one elementwise pass over a
 tensor of the scan's size (`b * λ`, output allocated like the scan's): what any scan must at least pay.
-Memory: the bytes held in the cache after a prefill of the context plus one decoded token (keys/values of the
-attention layers, the complex64 state of the LRU layers), read from the cache tensors themselves.
 
 Timings are the fastest of several runs, the compared functions taking turns. Writes benchmarks/results/lru.json.
 
 Usage: python -m benchmarks.bench_lru [--lengths 1024 ... 65536] [--chunk-sizes 8 16 32 64 128]
-                                      [--memory-lengths 4096 8192 16384 32768]
 """
 
 import argparse
@@ -17,30 +14,16 @@ import time
 
 import torch
 
-from benchmarks.common import print_table, write_results
-from longctx import LongCtxConfig, LongCtxForCausalLM
+from benchmarks.common import print_table, take_turns, write_results
+from longctx import LongCtxConfig
 from longctx.lru import SCAN_CHUNK_SIZE, LongCtxLRU, lru_scan, lru_scan_sequential
-from longctx.modeling_longctx import output_cache
 
 HIDDEN, STATE = 256, 256
-MEMORY_SHAPE = dict(vocab_size=1000, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096, lru_state_size=256)
-STACKS = {"attention": ["attention"] * 4, "hybrid 3:1": ["lru", "lru", "lru", "attention"], "all-lru": ["lru"] * 4}
 
 
 def best_of(fns, repeats):
-    """{name: fastest of `repeats` runs in ms}, the functions taking turns (one warm-up each) so that load from
-    other processes falls on all of them alike."""
-    best = {}
-    for name, fn in fns.items():
-        fn()
-        best[name] = float("inf")
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], 1e3 * (time.perf_counter() - start))
-    return best
+    """{name: fastest of `repeats` runs in ms}, the functions taking turns."""
+    return {name: 1e3 * times[0] for name, times in take_turns(fns, repeats).items()}
 
 
 def log_depth_scan(lam, b):
@@ -104,37 +87,12 @@ def chunk_row(length, chunk_sizes):
     return {"length": length, **best_of(fns, 10 if length <= 16384 else 4)}
 
 
-def cache_bytes(cache):
-    total = 0
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None:
-            total += layer.keys.nbytes + layer.values.nbytes
-        total += sum(s.nbytes for s in getattr(layer, "recurrent_states", {}).values() if s is not None)
-    return total
-
-
-@torch.no_grad()
-def memory_row(context, prefill_chunk=4096):
-    row = {"context": context}
-    for name, block_types in STACKS.items():
-        torch.manual_seed(0)
-        model = LongCtxForCausalLM(LongCtxConfig(**MEMORY_SHAPE, block_types=block_types)).eval()
-        ids = torch.randint(0, MEMORY_SHAPE["vocab_size"], (1, context + 1))
-        cache = None
-        for start in range(0, context, prefill_chunk):  # chunked prefill keeps activations small
-            cache = output_cache(model(ids[:, start:min(start + prefill_chunk, context)], cache=cache, use_cache=True))
-        cache = output_cache(model(ids[:, context:], cache=cache, use_cache=True))  # one decode step
-        row[f"{name}_MiB"] = cache_bytes(cache) / 2**20
-    return row
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
     parser.add_argument("--loop-max-length", type=int, default=65536, help="skip the loop above this length")
     parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[8, 16, 32, 64, 128])
     parser.add_argument("--chunk-lengths", type=int, nargs="*", default=[4096, 16384, 65536])
-    parser.add_argument("--memory-lengths", type=int, nargs="*", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -148,13 +106,8 @@ def main():
     if chunks:
         print("\nscan time by chunk size T (ms)")
         print_table(chunks, ["length", *[f"T={t}_ms" for t in args.chunk_sizes]])
-    memory = [memory_row(n) for n in args.memory_lengths]
-    if memory:
-        print(f"\ncache after prefill + 1 decoded token (MiB); {MEMORY_SHAPE}")
-        print_table(memory, ["context", *[f"{name}_MiB" for name in STACKS]])
-    path = write_results("lru", scan, chunk_sizes=chunks, memory=memory, threads=args.threads,
-                         scan_shape={"hidden": HIDDEN, "state": STATE, "batch": 1, "chunk_size": SCAN_CHUNK_SIZE},
-                         memory_shape=MEMORY_SHAPE, stacks=STACKS)
+    path = write_results("lru", scan, chunk_sizes=chunks, threads=args.threads,
+                         scan_shape={"hidden": HIDDEN, "state": STATE, "batch": 1, "chunk_size": SCAN_CHUNK_SIZE})
     print(f"\nwrote {path}")
 
 

@@ -2,7 +2,7 @@
 
 For the `tiny` and `small` presets: the same weights (`from_llama`), the same batch (`micro_batch_size` windows of
 `seq_len` tokens with position_ids), the pipeline's own step (train.loop.lm_loss -> backward -> clip -> AdamW),
-longctx with the preset's `chunked_loss`.
+longctx with the preset's `chunked_loss` (the fused loss of longctx.loss).
 - speed: both models in one process, their steps alternating, median step time of each — other work on the
   machine slows both alike, so the ratio survives a busy machine better than two separate runs would;
 - memory: each implementation alone in a fresh process: peak RSS above the RSS before the first step (CPU),
@@ -15,12 +15,13 @@ import argparse
 import json
 import time
 
-from benchmarks.common import current_rss_bytes, peak_rss_bytes, print_table, run_case, write_results
+from benchmarks.common import (current_rss_bytes, median, peak_rss_bytes, print_table, run_case, take_turns,
+                               write_results)
 
 IMPLS = ("transformers", "longctx")
 
 
-def build(impl, preset):
+def build(impl, preset, seq_len=None, micro_batch=None):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -28,6 +29,8 @@ def build(impl, preset):
     from longctx.convert import from_llama
 
     config = train.load_preset(preset)
+    config["seq_len"] = seq_len or config["seq_len"]
+    config["micro_batch_size"] = micro_batch or config["micro_batch_size"]
     fields = {k: v for k, v in config["model"].items() if k != "rope_parameters"}
     llama_config = LlamaConfig(**fields, vocab_size=config["vocab_size"], max_position_embeddings=config["seq_len"],
                                rope_parameters=config["model"]["rope_parameters"], attn_implementation="sdpa")
@@ -37,13 +40,14 @@ def build(impl, preset):
     return model.train(), config
 
 
-def make_step(impl, preset, device, autocast):
+def make_step(impl, spec, device):
     """(step function returning the loss, model, config) for one implementation, with its own AdamW."""
     import torch
 
     from train.loop import lm_loss, param_groups
 
-    model, config = build(impl, preset)
+    autocast = spec.get("autocast")
+    model, config = build(impl, spec["preset"], spec.get("seq_len"), spec.get("micro_batch"))
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95))
     batch_size, seq_len = config["micro_batch_size"], config["seq_len"]
@@ -72,22 +76,16 @@ def speed_case(spec):
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    steps = {impl: make_step(impl, spec["preset"], device, spec.get("autocast"))[0] for impl in IMPLS}
-    _, model, config = make_step("longctx", spec["preset"], device, spec.get("autocast"))
+    built = {impl: make_step(impl, spec, device) for impl in IMPLS}
+    steps = {impl: step for impl, (step, _, _) in built.items()}
+    _, model, config = built["longctx"]
     first = {impl: steps[impl]() for impl in IMPLS}
-    for impl in IMPLS:
-        steps[impl]()  # warm-up
-    times = {impl: [] for impl in IMPLS}
-    for _ in range(spec["steps"]):
-        for impl in IMPLS:
-            start = time.perf_counter()
-            steps[impl]()
-            times[impl].append(time.perf_counter() - start)
+    times = take_turns(steps, spec["steps"])  # one more warm-up step each, then alternating
     result = {"device": device, "batch": config["micro_batch_size"], "seq_len": config["seq_len"],
               "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
               "first_loss_diff": abs(first["longctx"] - first["transformers"])}
     for impl in IMPLS:
-        result[f"{impl}_step_s"] = sorted(times[impl])[len(times[impl]) // 2]
+        result[f"{impl}_step_s"] = median(times[impl])
     if spec.get("profile"):
         for impl in IMPLS:
             with torch.profiler.profile() as prof:
@@ -101,7 +99,7 @@ def memory_case(spec):
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    step, _, _ = make_step(spec["impl"], spec["preset"], device, spec.get("autocast"))
+    step, _, _ = make_step(spec["impl"], spec, device)
     base = current_rss_bytes()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -120,7 +118,9 @@ def main():
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
     parser.add_argument("--steps", type=int, default=8, help="timed steps of each, after one warm-up (median)")
-    parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="autocast dtype (GPU)")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="autocast dtype")
+    parser.add_argument("--seq-len", type=int, help="override the preset's seq_len (e.g. 2048)")
+    parser.add_argument("--micro-batch", type=int, help="override the preset's micro_batch_size")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops for each model")
     args = parser.parse_args()
     if args.case:
@@ -128,7 +128,7 @@ def main():
         return
     rows = []
     for preset in args.presets:
-        common = {"preset": preset, "autocast": args.autocast}
+        common = {"preset": preset, "autocast": args.autocast, "seq_len": args.seq_len, "micro_batch": args.micro_batch}
         speed = run_case("benchmarks.bench_train", {**common, "kind": "speed", "steps": args.steps,
                                                    "profile": args.profile}, timeout=3600)
         memory = {impl: run_case("benchmarks.bench_train", {**common, "kind": "memory", "impl": impl})["peak_mb"]
@@ -147,8 +147,10 @@ def main():
         print_table(rows[-1:], list(rows[-1]))
     print()
     print_table(rows, list(rows[0]))
-    suffix = "" if rows[0]["device"] == "cpu" else f"_{rows[0]['device']}"
-    print("wrote", write_results(f"train{suffix}", rows, steps=args.steps, autocast=args.autocast))
+    name = "_".join(["train", *([] if rows[0]["device"] == "cpu" else [rows[0]["device"]]),
+                     *([f"seq{args.seq_len}"] if args.seq_len else []), *([args.autocast] if args.autocast else [])])
+    print("wrote", write_results(name, rows, steps=args.steps, autocast=args.autocast, seq_len=args.seq_len,
+                                 micro_batch=args.micro_batch, target={"small, 2k tokens": "speed >= 1.2"}))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,47 @@ def timed(fn, repeats=2):
     return min(times), peak
 
 
+def take_turns(fns: dict, repeats: int, clock=time.perf_counter) -> dict:
+    """{name: sorted seconds of `repeats` runs}: one warm-up each, then the functions take turns, so load from other
+    processes falls on all of them alike. Use [0] for the best run, [len // 2] for the median."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = clock()
+            fn()
+            times[name].append(clock() - start)
+    return {name: sorted(values) for name, values in times.items()}
+
+
+def median(values):
+    return sorted(values)[len(values) // 2]
+
+
+def matmul_rate(dtype="float32", size=2048, repeats=5) -> float:
+    """This machine's large-matmul rate in FLOP/s (best of `repeats` (size × size) products, this process's
+    threads): the denominator of every "fraction of matmul peak" in BENCHMARKS.md."""
+    import torch
+
+    a, b = (torch.randn(size, size).to(getattr(torch, dtype)) for _ in range(2))
+    best = take_turns({"mm": lambda: a @ b}, repeats)["mm"][0]
+    return 2 * size**3 / best
+
+
+def forward_flops(config, tokens: int, batch: int = 1) -> float:
+    """Matmul FLOPs of one causal-LM forward over `batch` sequences of `tokens`: 2 × (projection and head
+    parameters) per token, plus causal attention (q kᵀ and p v over the L(L+1)/2 visible pairs), per layer."""
+    hidden, heads, head_dim = config.hidden_size, config.num_attention_heads, config.head_dim
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * config.num_key_value_heads * head_dim  # q, o; k, v
+    lru = 4 * hidden * config.lru_state_size  # B and C, real and imaginary parts
+    attention_layers = config.block_types.count("attention")
+    params = (attention_layers * attention + (config.num_hidden_layers - attention_layers) * lru
+              + config.num_hidden_layers * 3 * hidden * config.intermediate_size + hidden * config.vocab_size)
+    pairs = tokens * (tokens + 1) / 2
+    return batch * (2 * params * tokens + attention_layers * 4 * pairs * heads * head_dim)
+
+
 def run_case(module: str, case: dict, timeout=900) -> dict:
     """Run `python -m module --case JSON` in a fresh process; it prints one JSON line as its last output."""
     out = subprocess.run([sys.executable, "-m", module, "--case", json.dumps(case)], capture_output=True, text=True,

@@ -7,37 +7,14 @@ import math
 
 import torch
 
-LOGITS_BYTES = 8 * 2**20  # float32 logits per slice of positions: small enough to stay in cache for the loss passes
-
-
-@torch.no_grad()
 def token_scores(model, input_ids: torch.Tensor):
     """(nll, correct), each (batch, L − 1): loss and argmax hit of predicting token t+1 from tokens 0..t.
 
-    One forward of the decoder; the output head runs over slices of positions, so memory stays flat in L and in
-    the vocabulary size (a 16k window of a 49k vocabulary would otherwise need 3 GB of logits).
+    One forward of the decoder; the output head runs over chunks of positions (`LongCtxForCausalLM.score_tokens`),
+    so memory stays flat in L and in the vocabulary size (a 16k window of a 49k vocabulary would otherwise need
+    3 GB of logits).
     """
-    hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
-    hidden = model.output_hidden(hidden)[:, :-1]  # (batch, L - 1, hidden): position t predicts token t + 1
-    targets = input_ids[:, 1:]
-    step = max(1, LOGITS_BYTES // (4 * targets.shape[0] * model.config.vocab_size))
-    nll, correct = [], []
-    for start in range(0, targets.shape[1], step):
-        target = targets[:, start:start + step]
-        logits = model.lm_head(hidden[:, start:start + step]).float().reshape(target.numel(), -1)  # (tokens, vocab)
-        loss, hit = nll_and_hits(logits, target.reshape(-1))
-        nll.append(loss.view(target.shape))
-        correct.append(hit.view(target.shape))
-    return torch.cat(nll, dim=1), torch.cat(correct, dim=1)
-
-
-def nll_and_hits(logits: torch.Tensor, target: torch.Tensor):
-    """Cross-entropy log Σ exp(x − m) + m − x_target and argmax hits from one max pass, computed in place in
-    `logits` (tokens, vocab), which is overwritten: half the passes of `F.cross_entropy` + `argmax`."""
-    top, argmax = logits.max(dim=-1)  # the first maximal index on ties, as argmax
-    target_logit = logits.gather(-1, target[:, None])[:, 0]
-    log_sum = logits.sub_(top[:, None]).exp_().sum(dim=-1).log_()
-    return log_sum + top - target_logit, argmax == target
+    return model.score_tokens(input_ids)
 
 
 class Score:

@@ -10,7 +10,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -20,6 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .attention import AttentionMask, LongCtxAttention, check_attn_implementation, logn_query_scale
 from .configuration_longctx import LongCtxConfig
+from .loss import causal_lm_loss, linear_cross_entropy, token_scores
 from .lru import LongCtxLRU, cached_length
 from .rope import LongCtxRotaryEmbedding
 
@@ -208,43 +208,6 @@ class LongCtxModel(LongCtxPreTrainedModel):
                                        **{CACHE_FIELD: cache if use_cache else None})
 
 
-def shift_labels(labels):
-    """Labels for next-token prediction, flattened: position t is scored on token t+1, the last on nothing (-100)."""
-    return F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)
-
-
-def causal_lm_loss(logits, labels, num_items_in_batch=None):
-    """Next-token cross-entropy over materialised logits; label -100 is ignored (the reference path)."""
-    labels = shift_labels(labels.to(logits.device))
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels, ignore_index=-100, reduction="sum")
-    return loss / (num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum())
-
-
-def _chunk_nll_sum(hidden, weight, labels):
-    return F.cross_entropy(F.linear(hidden, weight).float(), labels, ignore_index=-100, reduction="sum")
-
-
-def logits_chunk_size(vocab_size, chunk_size=None):
-    """Tokens per chunk so one chunk of float32 logits stays near 64 MB."""
-    return chunk_size or max(256, 2**24 // vocab_size)
-
-
-def chunked_causal_lm_loss(hidden_states, weight, labels, num_items_in_batch=None, chunk_size=None):
-    """`causal_lm_loss(hidden @ weightᵀ, labels)` without materialising the (tokens × vocab) logits.
-
-    Projection and cross-entropy run together chunk by chunk; under autograd each chunk is checkpointed, so the
-    backward recomputes its logits instead of storing them."""
-    labels = shift_labels(labels.to(hidden_states.device))
-    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-    chunk = logits_chunk_size(weight.shape[0], chunk_size)
-    track = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk):
-        args = (hidden[start:start + chunk], weight, labels[start:start + chunk])
-        total = total + (checkpoint(_chunk_nll_sum, *args, use_reentrant=False) if track else _chunk_nll_sum(*args))
-    return total / (num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum())
-
-
 class LongCtxForCausalLM(LongCtxPreTrainedModel, GenerationMixin):
     """`LongCtxModel` + output head (optionally tied, with the tied-embedding modes of methods.md §12)."""
 
@@ -300,7 +263,7 @@ class LongCtxForCausalLM(LongCtxPreTrainedModel, GenerationMixin):
             raise ValueError("skip_logits=True needs `labels`: without logits the loss is the only output.")
         logits = loss = None
         if skip_logits:
-            loss = chunked_causal_lm_loss(hidden_states, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"))
+            loss = linear_cross_entropy(hidden_states, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"))
         else:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden_states[:, keep])
@@ -315,16 +278,9 @@ class LongCtxForCausalLM(LongCtxPreTrainedModel, GenerationMixin):
         The evaluation workload: one forward, the output projection in chunks (no full logits), float32 NLL."""
         hidden = self.output_hidden(self.model(input_ids=input_ids, attention_mask=attention_mask,
                                                position_ids=position_ids, use_cache=False).last_hidden_state)
-        hidden, targets = hidden[:, :-1], input_ids[:, 1:]
-        batch, steps = targets.shape
-        hidden, targets = hidden.reshape(batch * steps, -1), targets.reshape(-1)
-        nll = torch.empty(batch * steps, dtype=torch.float32, device=hidden.device)
-        correct = torch.empty(batch * steps, dtype=torch.bool, device=hidden.device)
-        chunk = logits_chunk_size(self.config.vocab_size, chunk_size)
-        for start in range(0, batch * steps, chunk):
-            logits = self.lm_head(hidden[start:start + chunk]).float()
-            nll[start:start + chunk] = F.cross_entropy(logits, targets[start:start + chunk], reduction="none")
-            correct[start:start + chunk] = logits.argmax(-1) == targets[start:start + chunk]
+        batch, steps = input_ids.shape[0], input_ids.shape[1] - 1
+        nll, correct = token_scores(hidden[:, :-1].reshape(batch * steps, -1), self.lm_head.weight,
+                                    input_ids[:, 1:].reshape(-1), chunk_size)
         return nll.view(batch, steps), correct.view(batch, steps)
 
 

@@ -73,9 +73,7 @@ def reference_scores(model, ids):
 
 
 # --- metrics ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("logits_bytes", [metrics.LOGITS_BYTES, 4 * 128 * 2 * 3])  # the latter: 3 positions a slice
-def test_token_scores_equal_the_plain_forward(monkeypatch, logits_bytes):
-    monkeypatch.setattr(metrics, "LOGITS_BYTES", logits_bytes)
+def test_token_scores_equal_the_plain_forward():
     model = tiny_model(tie_word_embeddings=True, tied_embedding_mode="half-swap")
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
     nll, correct = metrics.token_scores(model, ids)

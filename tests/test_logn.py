@@ -10,8 +10,8 @@ from conftest import left_padded, project_qkv, rotate_pairs, tiny_config_kwargs,
 
 from longctx import LongCtxConfig
 from longctx.attention import AttentionMask, logn_query_scale
-from longctx.rope import compute_inv_freq
 from longctx.modeling_longctx import output_cache
+from longctx.rope import compute_inv_freq
 
 L_TRAIN = 64  # tiny_config_kwargs' max_position_embeddings
 

@@ -11,8 +11,8 @@ import longctx.attention as attention
 from longctx import LongCtxConfig
 from longctx.attention import AttentionMask
 from longctx.cache import PreRopeLayer
-from longctx.rope import compute_inv_freq
 from longctx.modeling_longctx import output_cache
+from longctx.rope import compute_inv_freq
 
 RE_ROPE = {"rope_type": "rerope", "rerope_window": 12}
 LEAKY = {"rope_type": "leaky-rerope", "rerope_window": 12, "factor": 8.0}

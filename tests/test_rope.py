@@ -13,8 +13,9 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS as HF_ROPE_INIT
 import longctx.attention as attention
 from longctx import LongCtxConfig
 from longctx.convert import from_llama
-from longctx.rope import ROPE_INIT_FUNCTIONS, compute_inv_freq, set_rope
 from longctx.modeling_longctx import output_cache
+from longctx.rope import (ROPE_INIT_FUNCTIONS, apply_rotary, apply_rotary_reference, compute_inv_freq, rotary_cos_sin,
+                          set_rope)
 
 
 def rope_config(head_dim, rope_parameters, max_positions=4096, cls=LongCtxConfig):
@@ -315,3 +316,22 @@ def test_cache_filled_under_another_rope_type_is_refused():
 def test_invalid_rope_parameters_name_the_field(rope_parameters, field):
     with pytest.raises(ValueError, match=f"`{field}`="):
         LongCtxConfig(**tiny_config_kwargs(rope_parameters=rope_parameters))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_rotation_equals_the_reference_with_gradients(dtype):
+    """`apply_rotary` (two passes, its own backward) against HF's formula x·cos + rotate_half(x)·sin."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 11, 16, dtype=dtype, requires_grad=True)
+    positions = torch.arange(11)[None].expand(2, -1) + torch.tensor([[0], [5]])  # per-row offsets
+    cos, sin = rotary_cos_sin(positions, compute_inv_freq(LongCtxConfig(**tiny_config_kwargs()))[0][:8], dtype)
+    upstream = torch.randn(2, 3, 11, 16, dtype=dtype)
+    fast, reference = apply_rotary(x, cos, sin), apply_rotary_reference(x, cos, sin)
+    grad_fast, = torch.autograd.grad(fast, x, upstream)
+    grad_reference, = torch.autograd.grad(reference, x, upstream)
+    tolerance = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(fast, reference, **tolerance)
+    torch.testing.assert_close(grad_fast, grad_reference, **tolerance)
+    with torch.no_grad():  # under autocast the projections are bf16 and the table float32: promoted, as the reference
+        mixed = apply_rotary(x.detach().bfloat16(), cos.float(), sin.float())
+    assert mixed.dtype == torch.float32

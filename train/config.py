@@ -33,7 +33,7 @@ DEFAULTS = {
     "model": {},                # LongCtxConfig fields: architecture and position scheme
     "attn_implementation": "sdpa",
     "gradient_checkpointing": False,
-    "chunked_loss": True,       # loss without materialising the logits: less memory, slower on small vocabularies
+    "chunked_loss": True,       # fused projection + cross-entropy (longctx.loss): no logits held, faster
     "init_from": None,          # model dir or .gguf to start from (fine-tuning / length extension)
     "lora": None,               # LoRA through peft: true or {r, alpha, dropout, target_modules}
     "batch_size": 16,           # sequences per optimizer step, all processes together

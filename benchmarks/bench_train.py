@@ -15,8 +15,8 @@ import argparse
 import json
 import time
 
-from benchmarks.common import (current_rss_bytes, median, peak_rss_bytes, print_table, run_case, take_turns,
-                               write_results)
+from benchmarks.common import (current_rss_bytes, forward_flops, matmul_rate, median, peak_rss_bytes, print_table,
+                               run_case, take_turns, write_results)
 
 IMPLS = ("transformers", "longctx")
 
@@ -86,6 +86,9 @@ def speed_case(spec):
               "first_loss_diff": abs(first["longctx"] - first["transformers"])}
     for impl in IMPLS:
         result[f"{impl}_step_s"] = median(times[impl])
+    # training ≈ 3 forward passes of matmul FLOPs (forward, and the two products of each backward)
+    result["flops"] = 3 * forward_flops(model.config, config["seq_len"], config["micro_batch_size"])
+    result["matmul_rate"] = matmul_rate(spec.get("autocast") or "float32", device)
     if spec.get("profile"):
         for impl in IMPLS:
             with torch.profiler.profile() as prof:
@@ -143,7 +146,9 @@ def main():
                      "longctx_tok_s": ours_tok_s, "speed_ratio": ours_tok_s / hf_tok_s,
                      "hf_peak_mb": memory["transformers"], "longctx_peak_mb": memory["longctx"],
                      "memory_ratio": memory["longctx"] / memory["transformers"],
-                     "first_loss_diff": speed["first_loss_diff"]})
+                     "first_loss_diff": speed["first_loss_diff"],
+                     "longctx_gflops": speed["flops"] / speed["longctx_step_s"] / 1e9,
+                     "flops_frac": speed["flops"] / speed["longctx_step_s"] / speed["matmul_rate"]})
         print_table(rows[-1:], list(rows[-1]))
     print()
     print_table(rows, list(rows[0]))

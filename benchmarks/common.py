@@ -62,14 +62,20 @@ def median(values):
     return sorted(values)[len(values) // 2]
 
 
-def matmul_rate(dtype="float32", size=2048, repeats=5) -> float:
-    """This machine's large-matmul rate in FLOP/s (best of `repeats` (size × size) products, this process's
-    threads): the denominator of every "fraction of matmul peak" in BENCHMARKS.md."""
+def matmul_rate(dtype="float32", device="cpu", size=None, repeats=5) -> float:
+    """This machine's large-matmul rate in FLOP/s (best of `repeats` (size × size) products; on CPU with this
+    process's threads): the denominator of every "fraction of matmul peak" in BENCHMARKS.md."""
     import torch
 
-    a, b = (torch.randn(size, size).to(getattr(torch, dtype)) for _ in range(2))
-    best = take_turns({"mm": lambda: a @ b}, repeats)["mm"][0]
-    return 2 * size**3 / best
+    size = size or (2048 if device == "cpu" else 8192)
+    a, b = (torch.randn(size, size, device=device).to(getattr(torch, dtype)) for _ in range(2))
+
+    def product():
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return 2 * size**3 / take_turns({"mm": product}, repeats)["mm"][0]
 
 
 def forward_flops(config, tokens: int, batch: int = 1) -> float:

@@ -17,6 +17,7 @@ SUITE = {  # name -> arguments; each is `python -m benchmarks.bench_NAME ARGS`
     "attention": ["--lengths", "1024", "2048", "4096", "8192", "16384", "32768", "--repeats", "2"],
     "forward": ["--lengths", "2048", "8192", "16384", "--repeats", "3"],
     "train": ["--presets", "tiny", "small", "--steps", "6"],
+    "loss": ["--shapes", "4096x8000x256", "4096x32000x768", "--chunk-mb", "--repeats", "2"],
     "rerope": ["--lengths", "4096", "16384", "--repeats", "2"],
     "lru": ["--lengths", "1024", "4096", "16384", "65536", "--chunk-sizes"],
     "decode": ["--contexts", "1024", "4096", "16384", "32768", "--steps", "16"],

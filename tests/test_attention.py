@@ -34,6 +34,7 @@ def test_sdpa_runs_blocked_only_for_cpu_bfloat16_prefill_without_autograd():
     assert prefer_blocked(q, k, mask)
     assert not prefer_blocked(q.float(), k.float(), mask)  # float32: torch's kernel is faster
     assert not prefer_blocked(q, k, AttentionMask(1, 300))  # decoding
+    assert not prefer_blocked(q, k, AttentionMask(300, 20000))  # beyond 16k keys torch's kernel is as fast
     with torch.enable_grad():
         assert not prefer_blocked(q.requires_grad_(), k, mask)  # training keeps SDPA's memory-lean backward
 

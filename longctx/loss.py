@@ -62,7 +62,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += (nll * valid).sum()
             grad = logits.div_(sums[:, None])  # softmax, in place
             grad.scatter_add_(1, y.clamp(min=0)[:, None], -valid[:, None].float())  # − one-hot of the target
-            grad.mul_(valid[:, None])  # unscored rows contribute nothing
+            if not bool(valid.all()):
+                grad.mul_(valid[:, None])  # unscored rows contribute nothing
             grad = grad.to(hidden.dtype)
             if want_hidden:
                 grad_hidden[start:start + chunk] = grad @ weight

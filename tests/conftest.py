@@ -57,3 +57,35 @@ def project_qkv(layer, config, hidden):
     k = layer.k_proj(hidden).view(batch, length, kv_heads, d).transpose(1, 2).repeat_interleave(heads // kv_heads, 1)
     v = layer.v_proj(hidden).view(batch, length, kv_heads, d).transpose(1, 2).repeat_interleave(heads // kv_heads, 1)
     return q, k, v
+
+
+FRESH_PROCESS_LOADER = """
+import sys, torch
+sys.modules["longctx"] = None  # as on a machine where longctx is not installed
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+ids = torch.load(sys.argv[2])
+with torch.no_grad():
+    logits = model(ids).logits
+generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+torch.save((logits, generated), sys.argv[3])
+"""
+
+
+def assert_same_in_fresh_process(model, model_dir, ids, tmp_path):
+    """The saved `model_dir`, loaded with trust_remote_code in a new Python process where `longctx` cannot be imported,
+    gives exactly `model`'s logits of `ids` and its 5 greedy tokens."""
+    import subprocess
+    import sys
+
+    with torch.no_grad():
+        expected = model(ids).logits
+    expected_generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    torch.save(ids, tmp_path / "ids.pt")
+    child = subprocess.run([sys.executable, "-c", FRESH_PROCESS_LOADER, str(model_dir), str(tmp_path / "ids.pt"),
+                            str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+    logits, generated = torch.load(tmp_path / "out.pt")
+    assert torch.equal(logits, expected)
+    assert torch.equal(generated, expected_generated)

@@ -1,13 +1,10 @@
 """Core package (issue 2): Llama parity, cache, padding, save/load without longctx, clear errors."""
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import tiny_config_kwargs
+from conftest import assert_same_in_fresh_process, tiny_config_kwargs, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from longctx import LongCtxConfig, LongCtxForCausalLM
@@ -26,13 +23,6 @@ def random_llama(tie=False, attn="eager", seed=0, **overrides):
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
     return model
-
-
-def tiny_model(seed=0, attn="sdpa", **overrides):
-    torch.manual_seed(seed)
-    config = LongCtxConfig(**tiny_config_kwargs(**overrides))
-    config._attn_implementation = attn
-    return LongCtxForCausalLM(config).eval()
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -145,18 +135,6 @@ def test_inputs_longer_than_max_position_embeddings_are_allowed():
     assert torch.isfinite(logits).all()
 
 
-SAVE_LOAD_CHILD = textwrap.dedent("""
-    import sys, json, torch
-    sys.modules["longctx"] = None  # as on a machine where longctx is not installed
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    ids = torch.load(sys.argv[2])
-    with torch.no_grad():
-        torch.save(model(ids).logits, sys.argv[3])
-""")
-
-
 @pytest.mark.parametrize("overrides", [
     {},
     {"tie_word_embeddings": True, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
@@ -171,13 +149,7 @@ def test_save_load_in_fresh_process_without_longctx(tmp_path, overrides):
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_longctx.LongCtxForCausalLM"
     ids = torch.randint(0, 128, (2, 30))
-    torch.save(ids, tmp_path / "ids.pt")
-    with torch.no_grad():
-        expected = model(ids).logits
-    child = subprocess.run([sys.executable, "-c", SAVE_LOAD_CHILD, str(tmp_path / "ckpt"), str(tmp_path / "ids.pt"),
-                            str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300)
-    assert child.returncode == 0, child.stderr[-3000:]
-    assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
+    assert_same_in_fresh_process(model, tmp_path / "ckpt", ids, tmp_path)
 
 
 def test_auto_classes_load_in_process(tmp_path):

@@ -2,13 +2,10 @@
 decoding and generate() vs the full forward, document resets, config errors, save -> load without longctx."""
 
 import math
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import tiny_config_kwargs
+from conftest import assert_same_in_fresh_process, tiny_config_kwargs
 from transformers.cache_utils import DynamicCache
 
 from longctx import LongCtxConfig, LongCtxForCausalLM
@@ -316,32 +313,9 @@ def test_block_types_derive_transformers_layer_types():
 
 
 # --- save -> load ----------------------------------------------------------------------------------------------------
-SAVE_LOAD_CHILD = textwrap.dedent("""
-    import sys, torch
-    sys.modules["longctx"] = None  # as on a machine where longctx is not installed
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    ids = torch.load(sys.argv[2])
-    with torch.no_grad():
-        logits = model(ids).logits
-    generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    torch.save((logits, generated), sys.argv[3])
-""")
-
-
 def test_hybrid_save_load_in_fresh_process_without_longctx(tmp_path):
     model = tiny_hybrid(["lru", "attention", "lru"])
     model.save_pretrained(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "lru.py").exists()
     ids = torch.randint(0, 128, (2, 30))
-    torch.save(ids, tmp_path / "ids.pt")
-    with torch.no_grad():
-        expected = model(ids).logits
-    expected_generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    child = subprocess.run([sys.executable, "-c", SAVE_LOAD_CHILD, str(tmp_path / "ckpt"), str(tmp_path / "ids.pt"),
-                            str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300)
-    assert child.returncode == 0, child.stderr[-3000:]
-    logits, generated = torch.load(tmp_path / "out.pt")
-    assert torch.equal(logits, expected)
-    assert torch.equal(generated, expected_generated)
+    assert_same_in_fresh_process(model, tmp_path / "ckpt", ids, tmp_path)

@@ -10,7 +10,6 @@ Usage: python -m benchmarks.bench_lru [--lengths 1024 ... 65536] [--chunk-sizes 
 """
 
 import argparse
-import time
 
 import torch
 

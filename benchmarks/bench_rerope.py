@@ -15,7 +15,7 @@ import itertools
 import json
 import os
 
-from benchmarks.common import print_table, run_case, timed, write_results
+from benchmarks.common import print_table, run_case, take_turns, timed, write_results
 
 SHAPE = dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=2048)
@@ -55,8 +55,6 @@ def forward_fn(model, length):
 def case(spec):
     """`memory`: one scheme, one forward in this fresh process, peak RSS above the loaded model. `time`: the
     default and the scheme in one process, alternating, best of `repeats` each (robust to load from others)."""
-    import time
-
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -65,14 +63,7 @@ def case(spec):
         return {**spec, "peak_mb": peak / 2**20}
     runs = {name: forward_fn(build(name, spec["block_elements"]), spec["length"])
             for name in ("default", spec["scheme"])}
-    best = {name: float("inf") for name in runs}
-    for name, run in runs.items():  # warm-up
-        run()
-    for _ in range(spec["repeats"]):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            best[name] = min(best[name], time.perf_counter() - start)
+    best = {name: times[0] for name, times in take_turns(runs, spec["repeats"]).items()}
     return {**spec, "default_s": best["default"], "scheme_s": best[spec["scheme"]]}
 
 

@@ -13,7 +13,6 @@ Usage: python -m benchmarks.bench_train [--presets tiny small] [--steps 8] [--pr
 
 import argparse
 import json
-import time
 
 from benchmarks.common import (current_rss_bytes, forward_flops, matmul_rate, median, peak_rss_bytes, print_table,
                                run_case, take_turns, write_results)

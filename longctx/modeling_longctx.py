@@ -8,7 +8,6 @@ Imports stay relative: `save_pretrained` copies these files into every checkpoin
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init

@@ -48,6 +48,8 @@ def make_step(impl, spec, device):
     autocast = spec.get("autocast")
     model, config = build(impl, spec["preset"], spec.get("seq_len"), spec.get("micro_batch"))
     model.to(device)
+    if spec.get("compile"):  # in place (the pipeline's `compile: true`); the first step compiles
+        model.compile()
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95))
     batch_size, seq_len = config["micro_batch_size"], config["seq_len"]
     generator = torch.Generator().manual_seed(0)

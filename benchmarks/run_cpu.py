@@ -56,7 +56,8 @@ def summary():
                          f"{r['loop_x']:.1f}x, {r['floor_x']:.1f}x", r["loop_x"] >= 50 and r["floor_x"] <= 4))
     for r in load("precision_default"):
         if r["attention"].startswith("blocked"):
-            rows.append(("bf16 perplexity within 0.5% of fp32", f"{r['vs_fp32_pct']:+.3f}%", abs(r["vs_fp32_pct"]) <= 0.5))
+            rows.append(("bf16 perplexity within 0.5% of fp32", f"{r['vs_fp32_pct']:+.3f}%",
+                         abs(r["vs_fp32_pct"]) <= 0.5))
     return rows
 
 

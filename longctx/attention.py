@@ -129,15 +129,31 @@ def blocked_attention(query, key, value, mask: AttentionMask, scaling, dropout=0
     """softmax(q kᵀ · scaling + mask) v as two matmuls per block of 64–512 query rows, the softmax in place between
     them. The fast CPU path for bfloat16 without gradients (`prefer_blocked`): there bf16 matmuls run ~4× faster
     than float32 while torch's fused SDPA kernel runs no faster, so this beats it 1.5–1.8× (BENCHMARKS.md,
-    "Attention"). Scores are rounded to the input dtype before the float32 softmax."""
+    "Attention"). Scores are rounded to the input dtype before the float32 softmax. One custom op
+    (`torch.ops.longctx.blocked_attention`, no autograd), which `torch.compile` keeps whole in its graph."""
+    out = _blocked_attention_op(query, key, value, mask.padding_mask, mask.kv_len, float(scaling), float(dropout))
+    return out.transpose(1, 2)  # (batch, q_len, heads, head_dim)
+
+
+@torch.library.custom_op("longctx::blocked_attention", mutates_args=())
+def _blocked_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          padding_mask: torch.Tensor | None, kv_len: int, scaling: float,
+                          dropout: float) -> torch.Tensor:
+    """`blocked_attention`'s work, (batch, heads, q_len, head_dim)."""
     b, h, q_len, _ = query.shape
-    rows = max(64, min(512, BLOCKED_SCORE_ELEMENTS // (b * h * mask.kv_len)))
+    mask = AttentionMask(q_len, kv_len, padding_mask)
+    rows = max(64, min(512, BLOCKED_SCORE_ELEMENTS // (b * h * kv_len)))
     query = query * scaling
 
     def score_block(start, end, key_end):
         return grouped_scores(query[:, :, start:end], key[:, :, :key_end])
 
-    return blockwise_attention(score_block, value, mask, row_spans(q_len, rows), dropout)
+    return blockwise_attention(score_block, value, mask, row_spans(q_len, rows), dropout).transpose(1, 2)
+
+
+@_blocked_attention_op.register_fake
+def _(query, key, value, padding_mask, kv_len, scaling, dropout):
+    return query.new_empty(*query.shape[:3], value.shape[-1])
 
 
 BLOCKED_QUERIES = (256, 16384)  # prefill lengths where `blocked_attention` beat torch's kernel (BENCHMARKS.md)
@@ -341,7 +357,8 @@ def attention_before_rope(config, implementation, query, key, value, q_pos, k_po
     if implementation == "eager":  # the reference: Su's two dense score matrices
         return rerope_attention(query, key, value, q_pos, k_pos, mask, scaling, dropout, inv_freq, rope, q_len)
     block_rows = SCORE_BLOCK_ELEMENTS // (batch * heads * key.shape[2])
-    band = positions_follow_indices(k_pos, mask.padding_mask)
+    # compiled: the general path, as choosing the band would read the positions' values (a graph break)
+    band = not torch.compiler.is_compiling() and positions_follow_indices(k_pos, mask.padding_mask)
     return (rerope_band_attention if band else rerope_attention)(query, key, value, q_pos, k_pos, mask, scaling,
                                                                  dropout, inv_freq, rope, block_rows)
 
@@ -349,7 +366,8 @@ def attention_before_rope(config, implementation, query, key, value, q_pos, k_po
 def check_attn_implementation(name, device=None):
     """Raise a clear error for an unknown backend, or flash-attn where it cannot run."""
     if name not in ATTENTION_FUNCTIONS:
-        raise ValueError(f"attn_implementation={name!r} is not supported; choose one of {', '.join(ATTENTION_FUNCTIONS)}.")
+        raise ValueError(f"attn_implementation={name!r} is not supported; "
+                         f"choose one of {', '.join(ATTENTION_FUNCTIONS)}.")
     if name == "flash_attention_2":
         try:
             import flash_attn  # noqa: F401
@@ -360,7 +378,8 @@ def check_attn_implementation(name, device=None):
                 "FlashAttention kernels on CUDA too)."
             ) from err
         if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
-            raise ValueError("attn_implementation='flash_attention_2' runs only on CUDA GPUs; use 'sdpa' on this device.")
+            raise ValueError("attn_implementation='flash_attention_2' runs only on CUDA GPUs; "
+                             "use 'sdpa' on this device.")
 
 
 def logn_query_scale(config, position_ids, mask: AttentionMask):

@@ -114,7 +114,8 @@ class LongCtxConfig(PreTrainedConfig):
             self.block_types = ["attention"] * self.num_hidden_layers
         self.block_types = list(self.block_types)
         if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
-            _fail("rope_parameters", self.rope_parameters, "expected a dict such as {'rope_type': 'yarn', 'factor': 4.0}")
+            _fail("rope_parameters", self.rope_parameters,
+                  "expected a dict such as {'rope_type': 'yarn', 'factor': 4.0}")
         super().__post_init__(**kwargs)  # folds legacy `rope_scaling` / `rope_theta` into `rope_parameters`
         rope = dict(self.rope_parameters or {})
         if "type" in rope:

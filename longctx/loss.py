@@ -62,7 +62,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += (nll * valid).sum()
             grad = logits.div_(sums[:, None])  # softmax, in place
             grad.scatter_add_(1, y.clamp(min=0)[:, None], -valid[:, None].float())  # − one-hot of the target
-            if not bool(valid.all()):
+            if torch.compiler.is_compiling() or not bool(valid.all()):  # (compiled: no data-dependent branch)
                 grad.mul_(valid[:, None])  # unscored rows contribute nothing
             grad = grad.to(hidden.dtype)
             if want_hidden:

@@ -6,7 +6,9 @@
 steps scanned side by side, the state entering each chunk by the same scan one level up (λ^T per step), then the
 chunks again from their true incoming states. Only λ and its positive powers appear (|λ^k| ≤ 1): the cumsum of
 λ^{−k}·b overflows (methods.md §13, pitfall 9). Both scans run in complex64 whatever the model dtype, and drop
-λ·x_{t−1} where `reset` is True, a document start (`position_ids == 0`).
+λ·x_{t−1} where `reset` is True, a document start (`position_ids == 0`). The fast scan is a custom operator
+(`torch.ops.longctx.lru_scan`) whose backward is the same scan run backwards in time with conj(λ): `torch.compile`
+keeps it whole in its graph.
 
 The recurrent state (batch, state_size) of each LRU layer lives in transformers' cache, in the
 `LinearAttentionLayer` that `DynamicCache(config=...)` builds for `layer_types[i] == "linear_attention"`.
@@ -40,10 +42,14 @@ def lru_scan_sequential(lam, b, reset=None, x0=None):
 
 
 def lru_scan(lam, b, reset=None, x0=None, chunk_size=SCAN_CHUNK_SIZE):
-    """Fast scan with the semantics of `lru_scan_sequential`, in complex64, differentiable (its own backward)."""
+    """Fast scan with the semantics of `lru_scan_sequential`, in complex64, differentiable (its own backward).
+
+    One custom op (`torch.ops.longctx.lru_scan`), so `torch.compile` keeps it whole in its graph."""
     if b.shape[1] == 0:
         return b.to(torch.complex64)
-    return _LRUScan.apply(lam, b, reset, x0, chunk_size)
+    keep = None if reset is None else ~reset
+    x0 = None if x0 is None else x0.to(torch.complex64, copy=True)  # the cache rewrites its state buffer in place
+    return _scan_op(lam, b.to(torch.complex64), keep, x0, chunk_size, False)
 
 
 def _coefficient(lam, keep, t):
@@ -95,36 +101,54 @@ def _chunked_scan(b, log_lam, keep, x0, chunk_size, out):
     return out
 
 
-class _LRUScan(torch.autograd.Function):
-    """x = scan(λ, b): forward by `_chunked_scan`; backward by the same scan run backwards in time with conj(λ)."""
+def _scan(lam, b, keep, x0, chunk_size, reverse):
+    """x_t = λ·keep_t·x_{t∓1} + b_t, forward in time (−) or backward (+, `reverse`): a new complex64 tensor."""
+    log_lam = torch.log(lam.detach().to(torch.complex128))
+    b = b.detach().to(torch.complex64)
+    x0 = None if x0 is None else x0.detach().to(torch.complex64)
+    if reverse:
+        b, keep = b.flip(1), None if keep is None else keep.flip(1)
+        return _chunked_scan(b, log_lam, keep, x0, chunk_size, out=b).flip(1)
+    b = b.contiguous()
+    return _chunked_scan(b, log_lam, keep, x0, chunk_size, out=torch.empty_like(b))
 
-    @staticmethod
-    def forward(ctx, lam, b, reset, x0, chunk_size):
-        log_lam = torch.log(lam.detach().to(torch.complex128))
-        keep = None if reset is None else ~reset
-        x0c = None if x0 is None else x0.detach().to(torch.complex64, copy=True)  # the cache buffer is rewritten
-        ctx.chunk_size, ctx.b_dtype, ctx.x0_dtype = chunk_size, b.dtype, None if x0 is None else x0.dtype
-        b = b.detach().to(torch.complex64).contiguous()
-        x = _chunked_scan(b, log_lam, keep, x0c, chunk_size, out=torch.empty_like(b))
-        ctx.save_for_backward(lam, x, keep, x0c)
-        return x
 
-    @staticmethod
-    def backward(ctx, grad_x):
-        lam, x, keep, x0 = ctx.saved_tensors
-        # g_t = dL/dx_t total = grad_x_t + conj(λ)·keep_{t+1}·g_{t+1}: a scan over the reversed sequence
-        keep_next = None if keep is None else torch.cat([keep[:, 1:], keep[:, :1]], dim=1).flip(1)
-        log_conj = torch.log(lam.detach().to(torch.complex128)).conj()
-        g = grad_x.to(torch.complex64).flip(1).contiguous()
-        g = _chunked_scan(g, log_conj, keep_next, None, ctx.chunk_size, out=g).flip(1)
-        previous = torch.cat([torch.zeros_like(x[:, :1]) if x0 is None else x0[:, None], x[:, :-1]], dim=1)
-        weighted = g if keep is None else g * keep[..., None]
-        grad_lam = (weighted * previous.conj()).sum(dim=(0, 1)).to(lam.dtype) if ctx.needs_input_grad[0] else None
-        grad_x0 = None
-        if ctx.needs_input_grad[3]:
-            grad_x0 = (weighted[:, 0] * lam.detach().conj().to(torch.complex64)).to(ctx.x0_dtype)
-        grad_b = g.to(ctx.b_dtype) if ctx.needs_input_grad[1] else None
-        return grad_lam, grad_b, None, grad_x0, None
+@torch.library.custom_op("longctx::lru_scan", mutates_args=())
+def _scan_op(lam: torch.Tensor, b: torch.Tensor, keep: torch.Tensor | None, x0: torch.Tensor | None,
+             chunk_size: int, reverse: bool) -> torch.Tensor:
+    """`_scan` as an operator: torch.compile sees one node with the shape below, autograd the rule below."""
+    return _scan(lam, b, keep, x0, chunk_size, reverse)
+
+
+@_scan_op.register_fake
+def _(lam, b, keep, x0, chunk_size, reverse):
+    return torch.empty_like(b, dtype=torch.complex64, memory_format=torch.contiguous_format)
+
+
+def _scan_setup(ctx, inputs, output):
+    lam, _, keep, x0, chunk_size, reverse = inputs
+    ctx.chunk_size, ctx.reverse = chunk_size, reverse
+    ctx.save_for_backward(lam, output, keep, x0)
+
+
+def _scan_backward(ctx, grad_x):
+    """x_t = λ·k_t·x_{t−1} + b_t gives g_t = ∂L/∂x_t total = grad_t + conj(λ)·k_{t+1}·g_{t+1}: the same scan the
+    other way in time with conj(λ); then ∂L/∂b = g, ∂L/∂λ = Σ_t k_t·g_t·conj(x_{t−1}), ∂L/∂x0 = conj(λ)·k_0·g_0."""
+    lam, x, keep, x0 = ctx.saved_tensors
+    step = 1 if ctx.reverse else -1  # x_t depends on x_{t+step}
+    if keep is not None:  # k_{t−step}: the factor the next state in the scan's direction puts on x_t
+        keep_next = torch.roll(keep, step, dims=1)
+    g = _scan_op(lam.conj(), grad_x, None if keep is None else keep_next, None, ctx.chunk_size, not ctx.reverse)
+    weighted = g if keep is None else g * keep[..., None]
+    start = torch.zeros_like(x[:, :1]) if x0 is None else x0[:, None].to(x.dtype)
+    previous = torch.cat([start, x[:, :-1]], dim=1) if step == -1 else torch.cat([x[:, 1:], start], dim=1)
+    grad_lam = (weighted * previous.conj()).sum(dim=(0, 1)).to(lam.dtype) if ctx.needs_input_grad[0] else None
+    first = 0 if step == -1 else -1
+    grad_x0 = (weighted[:, first] * lam.conj().to(g.dtype)) if x0 is not None and ctx.needs_input_grad[3] else None
+    return grad_lam, g if ctx.needs_input_grad[1] else None, None, grad_x0, None, None
+
+
+_scan_op.register_autograd(_scan_backward, setup_context=_scan_setup)
 
 
 # --- the recurrent state in transformers' cache ---------------------------------------------------------------------

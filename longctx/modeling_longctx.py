@@ -15,12 +15,15 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
 
 from .attention import AttentionMask, LongCtxAttention, check_attn_implementation, logn_query_scale
 from .configuration_longctx import LongCtxConfig
 from .loss import causal_lm_loss, linear_cross_entropy, token_scores
 from .lru import LongCtxLRU, cached_length
 from .rope import LongCtxRotaryEmbedding
+
+logger = logging.get_logger(__name__)
 
 
 class LongCtxRMSNorm(nn.Module):
@@ -161,7 +164,7 @@ class LongCtxModel(LongCtxPreTrainedModel):
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, batch, kv_len):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        if input_ids is not None and input_ids.numel():
+        if input_ids is not None and input_ids.numel() and not torch.compiler.is_compiling():  # (no graph break)
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
                 bad = low if low < 0 else high
@@ -177,6 +180,13 @@ class LongCtxModel(LongCtxPreTrainedModel):
         """`cache` (or its pre-5.24 name `past_key_values`): a `DynamicCache`; one is made when `use_cache`."""
         cache = resolve_cache(cache, past_key_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if cache is not None:  # the backward replays each layer: it would write the cache a second time
+                raise ValueError("A cache cannot be used with gradient checkpointing while training; pass no `cache` "
+                                 "or call `model.gradient_checkpointing_disable()`.")
+            if use_cache and not torch.compiler.is_compiling():  # (dynamo cannot trace the logger)
+                logger.warning_once("Gradient checkpointing in training: `use_cache=True` ignored (no cache).")
+            use_cache = False
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         shape_source = input_ids if input_ids is not None else inputs_embeds
@@ -188,8 +198,8 @@ class LongCtxModel(LongCtxPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
 
         padding_mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            padding_mask = attention_mask.bool()
+        if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
+            padding_mask = attention_mask.bool()  # compiled: kept as given, as deciding would break the graph
         if position_ids is None:
             if padding_mask is not None:  # left padding: real tokens count from 0
                 position_ids = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]

@@ -225,7 +225,10 @@ class _Rotary(torch.autograd.Function):
 
 def apply_rotary(x, cos, sin):
     """x (batch, heads, seq, head_dim) rotated by cos/sin (batch, seq, head_dim): `apply_rotary_reference`, faster.
-    cos/sin are constants (no gradient flows to them)."""
+    cos/sin are constants (no gradient flows to them). Under `torch.compile` the reference formula, which the
+    compiler fuses into one pass (the two-pass function writes into slices of its output, which it cannot trace)."""
+    if torch.compiler.is_compiling():
+        return apply_rotary_reference(x, cos, sin)
     return _Rotary.apply(x, cos, sin)
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from conftest import assert_same_in_fresh_process, tiny_config_kwargs, tiny_model
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from longctx import LongCtxConfig, LongCtxForCausalLM
 from longctx.attention import AttentionMask
@@ -71,7 +71,8 @@ def test_cached_decoding_equals_full_forward(attn):
 
 
 def test_cache_argument_takes_both_transformers_names():
-    """transformers >= 5.24 passes `cache`, 5.23 `past_key_values`: both continue the same cache; both at once is refused."""
+    """transformers >= 5.24 passes `cache`, 5.23 `past_key_values`: both continue the same cache; both at once is
+    refused."""
     model = tiny_model()
     ids = torch.randint(0, 128, (1, 12))
     with torch.no_grad():
@@ -179,6 +180,24 @@ def test_flash_attention_2_without_package_or_cuda_is_a_clear_error():
         pytest.skip("flash-attn and CUDA are both present")
     with pytest.raises(expected, match=match):
         LongCtxForCausalLM(LongCtxConfig(**tiny_config_kwargs(), attn_implementation="flash_attention_2"))
+
+
+@pytest.mark.parametrize("blocks", [["attention", "attention"], ["lru", "attention"]])
+def test_gradient_checkpointing_trains_without_a_cache_and_changes_no_gradient(blocks):
+    """The backward replays each layer: with the default use_cache the model must not fill a cache twice."""
+    model = tiny_model(block_types=blocks, lru_state_size=32).train()
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+    model(ids, labels=ids).loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.gradient_checkpointing_enable()
+    output = model(ids, labels=ids)  # use_cache defaults to True: ignored here
+    output.loss.backward()
+    assert output_cache(output) is None
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    with pytest.raises(ValueError, match="cannot be used with gradient checkpointing while training"):
+        model(ids, cache=DynamicCache(config=model.config))
 
 
 def test_token_ids_outside_vocab_are_a_clear_error():

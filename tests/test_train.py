@@ -180,6 +180,7 @@ def test_two_cpu_processes_match_one_at_the_same_global_batch(tmp_path, corpus):
     (["--mixed_precision", "fp8"], "`mixed_precision`='fp8' is invalid; allowed: no, bf16, fp16"),
     (["--init_from", "/nonexistent/model"], "`init_from`='/nonexistent/model' is invalid; expected an existing"),
     (["--model.rope_parameters", "{rope_type: yarn}"], "rope_parameters.factor"),
+    (["--compile", "turbo"], "config `compile`='turbo' is invalid; expected true, false or a torch.compile backend: "),
 ])
 def test_bad_input_stops_before_training_with_a_clear_message(tmp_path, corpus, capsys, args, message):
     (tmp_path / "file").write_text("a regular file, not a directory")
@@ -217,6 +218,20 @@ def test_resume_in_process_with_tied_embeddings(tmp_path, corpus):
     assert losses(tmp_path / "resumed", "val_loss") == losses(tmp_path / "straight", "val_loss")
     model = LongCtxForCausalLM.from_pretrained(tmp_path / "resumed" / "model")
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_compiled_training_logs_the_losses_of_eager_training(tmp_path, corpus):
+    """`compile` (here the compiler-free aot_eager backend: the graphs inductor would get) changes no number."""
+    eager = micro(tmp_path / "eager", corpus, max_steps=4, save_every=2)
+    train.run_training(eager)
+    torch._dynamo.reset()
+    train.run_training({**eager, "out_dir": str(tmp_path / "compiled"), "compile": "aot_eager"})
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+    for key in ("loss", "val_loss"):
+        for (step, got), (_, expected) in zip(losses(tmp_path / "compiled", key), losses(tmp_path / "eager", key)):
+            assert got == pytest.approx(expected, rel=1e-5), (key, step)
+    model = LongCtxForCausalLM.from_pretrained(tmp_path / "compiled" / "model")  # saved without compile's wrapper
+    assert model.model.embed_tokens.weight.shape[0] == 512
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus, monkeypatch):

@@ -17,7 +17,8 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 # LongCtxConfig fields the pipeline sets itself: from the tokenizer, from seq_len, or derived by the config.
 PIPELINE_MODEL_FIELDS = {"vocab_size": "the tokenizer", "bos_token_id": "the tokenizer",
-                         "eos_token_id": "the tokenizer", "pad_token_id": "the tokenizer", "max_position_embeddings": "seq_len",
+                         "eos_token_id": "the tokenizer", "pad_token_id": "the tokenizer",
+                         "max_position_embeddings": "seq_len",
                          "layer_types": "block_types", "use_cache": "the pipeline"}
 # With init_from, the architecture is the source model's; these model fields may still change (length extension).
 EXTENSION_MODEL_FIELDS = ("rope_parameters", "logn_scaling", "attention_dropout")
@@ -34,6 +35,7 @@ DEFAULTS = {
     "attn_implementation": "sdpa",
     "gradient_checkpointing": False,
     "chunked_loss": True,       # fused projection + cross-entropy (longctx.loss): no logits held, faster
+    "compile": False,           # torch.compile the model: false, true (inductor) or a torch.compile backend name
     "init_from": None,          # model dir or .gguf to start from (fine-tuning / length extension)
     "lora": None,               # LoRA through peft: true or {r, alpha, dropout, target_modules}
     "batch_size": 16,           # sequences per optimizer step, all processes together
@@ -65,6 +67,22 @@ class ConfigError(ValueError):
 
 def _fail(key, value, allowed):
     raise ConfigError(f"config `{key}`={value!r} is invalid; {allowed}.")
+
+
+def _check_compile(value):
+    if isinstance(value, bool):
+        return
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if not isinstance(value, str) or value not in backends:
+        _fail("compile", value, f"expected true, false or a torch.compile backend: {', '.join(backends)}")
+
+
+def compile_backend(config):
+    """The torch.compile backend of `config["compile"]`, or None for no compilation."""
+    value = config["compile"]
+    return "inductor" if value is True else (value or None)
 
 
 def preset_path(name_or_path) -> Path:
@@ -228,6 +246,7 @@ def resolve_config(config: dict) -> dict:
     for key in ("gradient_checkpointing", "chunked_loss", "resume", "overwrite", "progress"):
         if not isinstance(config[key], bool):
             _fail(key, config[key], "expected true or false")
+    _check_compile(config["compile"])
     if not isinstance(config["corpus"], str) or not config["corpus"]:
         _fail("corpus", config["corpus"], "expected a corpus name, a path or a hub dataset name")
     _check_paths(config)
@@ -236,5 +255,5 @@ def resolve_config(config: dict) -> dict:
     return config
 
 
-__all__ = ["DEFAULTS", "PRESETS", "ConfigError", "apply_overrides", "load_preset", "parse_value", "preset_path",
-           "resolve_config"]
+__all__ = ["DEFAULTS", "PRESETS", "ConfigError", "apply_overrides", "compile_backend", "load_preset", "parse_value",
+           "preset_path", "resolve_config"]

@@ -30,7 +30,7 @@ from .checkpoint import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
-from .config import EXTENSION_MODEL_FIELDS, ConfigError, resolve_config
+from .config import EXTENSION_MODEL_FIELDS, ConfigError, compile_backend, resolve_config
 
 # Keys that may differ when resuming (they change the schedule's length or the bookkeeping, not what a step does).
 RESUMABLE_CHANGES = ("max_steps", "eval_every", "eval_windows", "save_every", "keep_last", "progress", "resume",
@@ -289,6 +289,8 @@ def run_training(config: dict) -> Path:
         if accelerator.distributed_type == DistributedType.FSDP:
             raise ConfigError("config `lora`: LoRA is supported with DDP and single processes, not with FSDP")
         model = add_lora(model, config["lora"])
+    if compile_backend(config):  # in place: parameter names, checkpoints and saving are unchanged
+        model.compile(backend=compile_backend(config))
     model = accelerator.prepare(model)
     optimizer = torch.optim.AdamW(param_groups(model, config["weight_decay"]), lr=config["lr"],
                                   betas=(config["beta1"], config["beta2"]))

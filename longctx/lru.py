@@ -107,7 +107,7 @@ def _scan(lam, b, keep, x0, chunk_size, reverse):
     b = b.detach().to(torch.complex64)
     x0 = None if x0 is None else x0.detach().to(torch.complex64)
     if reverse:
-        b, keep = b.flip(1), None if keep is None else keep.flip(1)
+        b, keep = b.flip(1).contiguous(), None if keep is None else keep.flip(1)  # flip keeps b's strides
         return _chunked_scan(b, log_lam, keep, x0, chunk_size, out=b).flip(1)
     b = b.contiguous()
     return _chunked_scan(b, log_lam, keep, x0, chunk_size, out=torch.empty_like(b))

@@ -183,7 +183,7 @@ class LongCtxModel(LongCtxPreTrainedModel):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             if cache is not None:  # the backward replays each layer: it would write the cache a second time
                 raise ValueError("A cache cannot be used with gradient checkpointing while training; pass no `cache` "
-                                 "or call `model.gradient_checkpointing_disable()`.")
+                                 "(`past_key_values`) or call `model.gradient_checkpointing_disable()`.")
             if use_cache and not torch.compiler.is_compiling():  # (dynamo cannot trace the logger)
                 logger.warning_once("Gradient checkpointing in training: `use_cache=True` ignored (no cache).")
             use_cache = False

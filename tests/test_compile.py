@@ -11,6 +11,8 @@ import torch
 
 from conftest import tiny_model
 
+import longctx  # noqa: F401 - registers the custom operators torch.ops.longctx.*
+
 VARIANTS = {
     "default": {},
     "yarn+logn+qk_bias": dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
@@ -48,6 +50,27 @@ def test_compiled_forward_and_gradients_equal_eager(variant):
     assert compiled_grads.keys() == eager_grads.keys()
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_lru_scan_operator_passes_opcheck(reverse):
+    """Schema, fake (meta) shapes and strides, autograd registration: torch.library's own checks, on a strided
+    input with document resets and an incoming state."""
+    g = torch.Generator().manual_seed(7)
+    lam = torch.polar(0.5 + 0.5 * torch.rand(6, generator=g), torch.rand(6, generator=g)).requires_grad_()
+    b = torch.randn(6, 40, 3, dtype=torch.complex64, generator=g).transpose(0, 2).requires_grad_()  # (3, 40, 6)
+    keep = torch.rand(3, 40, generator=g) > 0.1
+    x0 = torch.randn(3, 6, dtype=torch.complex64, generator=g).requires_grad_()
+    torch.library.opcheck(torch.ops.longctx.lru_scan.default, (lam, b, keep, x0, 16, reverse))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_blocked_attention_operator_passes_opcheck(padded):
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 40, 4, 16, generator=g).transpose(1, 2).to(torch.bfloat16)  # (batch, heads, q_len, d), strided
+    k, v = (torch.randn(2, 2, 40, 16, generator=g).to(torch.bfloat16) for _ in range(2))
+    padding = torch.arange(40)[None].expand(2, -1) >= torch.tensor([[0], [7]]) if padded else None
+    torch.library.opcheck(torch.ops.longctx.blocked_attention.default, (q, k, v, padding, 40, 0.25, 0.0))
 
 
 def test_compiled_training_with_gradient_checkpointing_equals_eager():
@@ -118,7 +141,8 @@ def test_inductor_compiled_training_step_equals_eager():
 
 
 def test_dynamic_ntk_compiles_with_graph_breaks_and_equals_eager():
-    """Dynamic NTK beyond L_train picks tables from the positions' values: dynamo breaks the graph there."""
+    """Dynamic NTK picks its tables from the positions' values (within L_train or beyond): dynamo breaks the graph
+    there, at any length."""
     model = tiny_model(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(3))  # beyond 64 positions
     with torch.no_grad():
@@ -132,5 +156,7 @@ def test_generate_with_compiled_forward_equals_eager():
     ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(4))
     expected = model.generate(ids, max_new_tokens=12, do_sample=False)
     torch._dynamo.reset()
-    model.forward = torch.compile(model.forward, backend="aot_eager")
+    torch._dynamo.utils.counters.clear()
+    model.forward = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
     assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), expected)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the prefill and the one-token steps

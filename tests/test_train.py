@@ -203,6 +203,9 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, corpus, capsys):
     before = losses(tmp_path / "run")
     train.run_training({**config, "resume": True})  # finished: nothing to do, the log is kept
     assert losses(tmp_path / "run") == before
+    saved = tmp_path / "run" / "config.yaml"  # a run from before the `compile` key; compiling may change on resume
+    saved.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load(saved.read_text()).items() if k != "compile"}))
+    train.run_training({**config, "resume": True, "compile": "aot_eager"})
 
 
 def test_resume_in_process_with_tied_embeddings(tmp_path, corpus):
@@ -220,11 +223,20 @@ def test_resume_in_process_with_tied_embeddings(tmp_path, corpus):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
+def test_compile_without_a_cpp_compiler_stops_before_training(tmp_path, corpus, monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(train.ConfigError, match="config `compile`=True is invalid; inductor needs a C\\+\\+ compiler"):
+        train.run_training(micro(tmp_path / "run", corpus, compile=True))
+    assert not (tmp_path / "run").exists()
+
+
 def test_compiled_training_logs_the_losses_of_eager_training(tmp_path, corpus):
     """`compile` (here the compiler-free aot_eager backend: the graphs inductor would get) changes no number."""
     eager = micro(tmp_path / "eager", corpus, max_steps=4, save_every=2)
     train.run_training(eager)
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # (reset keeps the counters)
     train.run_training({**eager, "out_dir": str(tmp_path / "compiled"), "compile": "aot_eager"})
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
     for key in ("loss", "val_loss"):

@@ -7,6 +7,7 @@ any data is read or any model is built, and raises `ConfigError` naming the key,
 import importlib.util
 import math
 import os
+import shutil
 from pathlib import Path
 
 import yaml
@@ -69,14 +70,21 @@ def _fail(key, value, allowed):
     raise ConfigError(f"config `{key}`={value!r} is invalid; {allowed}.")
 
 
+CXX_COMPILERS = ("g++", "c++", "clang++")  # what inductor's CPU backend can build with (or $CXX)
+
+
 def _check_compile(value):
-    if isinstance(value, bool):
+    if value is False:
         return
     import torch._dynamo
 
     backends = torch._dynamo.list_backends(exclude_tags=())
-    if not isinstance(value, str) or value not in backends:
+    if value is not True and (not isinstance(value, str) or value not in backends):
         _fail("compile", value, f"expected true, false or a torch.compile backend: {', '.join(backends)}")
+    compilers = [c for c in (os.environ.get("CXX"), *CXX_COMPILERS) if c]
+    if value in (True, "inductor") and not torch.cuda.is_available() and not any(map(shutil.which, compilers)):
+        _fail("compile", value, f"inductor needs a C++ compiler on CPU and none of {', '.join(compilers)} was "
+                                "found: install one (or set $CXX), or train with compile: false")
 
 
 def compile_backend(config):

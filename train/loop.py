@@ -34,7 +34,7 @@ from .config import EXTENSION_MODEL_FIELDS, ConfigError, compile_backend, resolv
 
 # Keys that may differ when resuming (they change the schedule's length or the bookkeeping, not what a step does).
 RESUMABLE_CHANGES = ("max_steps", "eval_every", "eval_windows", "save_every", "keep_last", "progress", "resume",
-                     "overwrite", "out_dir")
+                     "overwrite", "out_dir", "compile")  # compile changes no number (tested)
 
 
 class NonFiniteLossError(RuntimeError):

@@ -1,4 +1,5 @@
-"""Attention backends at 1k–32k tokens: causal self-attention alone, batch 1, 4 heads of 64, float32 and bfloat16.
+"""Attention backends at 1k–32k tokens: causal self-attention alone, batch 1, 4 heads of 64 (`--heads`), float32
+and bfloat16, on CUDA when a GPU is present.
 
 - `eager`: the reference (dense scores, float32 softmax), up to `--eager-max` tokens (it holds L × L scores);
 - `sdpa_torch`: torch's scaled_dot_product_attention (`is_causal`; its fused flash kernel on CPU);
@@ -26,15 +27,16 @@ BACKENDS = ("eager", "sdpa_torch", "blocked", "rerope", "flash_attn")
 
 
 def backends(q, k, v, length, eager_max):
-    scale, mask = HEAD_DIM**-0.5, AttentionMask(length, length)
-    positions = torch.arange(length)[None]
+    heads, head_dim = q.shape[1], q.shape[-1]
+    scale, mask = head_dim**-0.5, AttentionMask(length, length)
+    positions = torch.arange(length, device=q.device)[None]
     rope = {"rope_type": "rerope", "rerope_window": max(1, length // 16)}
-    inv_freq = (1.0 / 10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, device=q.device).float() / head_dim)
     fns = {
         "sdpa_torch": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale),
         "blocked": lambda: blocked_attention(q, k, v, mask, scale),
         "rerope": lambda: rerope_band_attention(q, k, v, positions, positions, mask, scale, 0.0, inv_freq, rope,
-                                                2**22 // (HEADS * length)),
+                                                2**22 // (heads * length)),
     }
     if length <= eager_max:
         fns["eager"] = lambda: eager_attention(q, k, v, mask, scale)
@@ -56,6 +58,7 @@ def main():
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eager-max", type=int, default=4096, help="longest length for the dense eager reference")
+    parser.add_argument("--heads", type=int, default=HEADS, help="attention heads (of 64 dimensions)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
@@ -63,11 +66,11 @@ def main():
         rate = matmul_rate(dtype, device)
         for length in args.lengths:
             g = torch.Generator().manual_seed(0)
-            q, k, v = (torch.randn(1, HEADS, length, HEAD_DIM, generator=g).to(device, getattr(torch, dtype))
+            q, k, v = (torch.randn(1, args.heads, length, HEAD_DIM, generator=g).to(device, getattr(torch, dtype))
                        for _ in range(3))
             with torch.no_grad():
                 times = take_turns(backends(q, k, v, length, args.eager_max), args.repeats)
-            flops = 4 * length * (length + 1) / 2 * HEAD_DIM * HEADS
+            flops = 4 * length * (length + 1) / 2 * HEAD_DIM * args.heads
             row = {"dtype": dtype, "length": length}
             for name in BACKENDS:
                 if name in times:
@@ -79,7 +82,8 @@ def main():
     print()
     present = [f"{name}_{unit}" for name in BACKENDS for unit in ("ms", "frac") if any(f"{name}_ms" in r for r in rows)]
     print_table(rows, ["dtype", "length", *present, "blocked_vs_sdpa"])
-    print("wrote", write_results("attention", rows, heads=HEADS, head_dim=HEAD_DIM, device=device,
+    name = "attention" if device == "cpu" else "attention_cuda"
+    print("wrote", write_results(name, rows, heads=args.heads, head_dim=HEAD_DIM, device=device,
                                  repeats=args.repeats))
 
 

@@ -7,7 +7,8 @@ materialises the (tokens × vocab) logits and their log-softmax; longctx compute
 - speed: both models in one process, forwards taking turns, median of `--repeats` each (load from other processes
   slows both alike); `flops_frac` = longctx's achieved matmul FLOP/s over this machine's large-matmul rate in the
   same dtype (`common.matmul_rate`);
-- memory: each implementation alone in a fresh process: peak RSS above the loaded model, one forward.
+- memory: each implementation alone in a fresh process: peak RSS above the loaded model, one forward (on CUDA,
+  where it runs when a GPU is present: peak allocated memory above the loaded model).
 Targets (issue 6): 16k fp32 ≥ 1.0× tokens/s and ≤ 0.6× memory; 16k bf16 ≥ 1.1× and ≤ 0.6×; 2k fp32 ≥ 1.2×.
 
 Usage: python -m benchmarks.bench_forward [--lengths 2048 8192 16384] [--dtypes float32 bfloat16] [--repeats 3]
@@ -25,8 +26,8 @@ IMPLS = ("transformers", "longctx")
 MODULE = "benchmarks.bench_forward"
 
 
-def build(dtype):
-    """{impl: forward-with-labels function}, the same weights, plus the longctx model."""
+def build(dtype, device="cpu"):
+    """{impl: model}: transformers' Llama and longctx's model with the same weights, in `dtype` on `device`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -34,8 +35,8 @@ def build(dtype):
 
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(**SHAPE, attn_implementation="sdpa")).eval()
-    ours = from_llama(llama).to(getattr(torch, dtype))
-    return {"transformers": llama.to(getattr(torch, dtype)), "longctx": ours}
+    ours = from_llama(llama).to(device, getattr(torch, dtype))
+    return {"transformers": llama.to(device, getattr(torch, dtype)), "longctx": ours}
 
 
 def forward_fn(impl, model, ids):
@@ -51,20 +52,31 @@ def forward_fn(impl, model, ids):
 
 
 def case(spec):
+    """Speed (both models) or memory (one model, alone in this process): CPU peak RSS, or CUDA peak allocation,
+    above the loaded model. `float(loss)` ends every forward, which synchronises CUDA."""
     import torch
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     ids = torch.randint(0, SHAPE["vocab_size"], (1, spec["length"]), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
     if spec["measure"] == "memory":
-        model = build(spec["dtype"])[spec["impl"]]
-        _, peak = timed(forward_fn(spec["impl"], model, ids), repeats=0)
+        model = build(spec["dtype"], device)[spec["impl"]]
+        if device == "cpu":
+            _, peak = timed(forward_fn(spec["impl"], model, ids), repeats=0)
+        else:
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            forward_fn(spec["impl"], model, ids)()
+            peak = torch.cuda.max_memory_allocated() - base
         return {"peak_mb": peak / 2**20}
-    models = build(spec["dtype"])
+    models = build(spec["dtype"], device)
     fns = {impl: forward_fn(impl, model, ids) for impl, model in models.items()}
     losses = {impl: fn() for impl, fn in fns.items()}
     times = take_turns(fns, spec["repeats"])
-    return {"seconds": {impl: median(t) for impl, t in times.items()}, "losses": losses,
-            "flops": forward_flops(models["longctx"].config, spec["length"]), "matmul_rate": matmul_rate(spec["dtype"])}
+    return {"seconds": {impl: median(t) for impl, t in times.items()}, "losses": losses, "device": device,
+            "flops": forward_flops(models["longctx"].config, spec["length"]),
+            "matmul_rate": matmul_rate(spec["dtype"], device)}
 
 
 def main():
@@ -84,7 +96,8 @@ def main():
             speed = run_case(MODULE, {**spec, "measure": "speed", "repeats": args.repeats}, timeout=3600)
             memory = {impl: run_case(MODULE, {**spec, "measure": "memory", "impl": impl})["peak_mb"] for impl in IMPLS}
             hf_s, ours_s = speed["seconds"]["transformers"], speed["seconds"]["longctx"]
-            rows.append({"length": length, "dtype": dtype, "hf_tok_s": length / hf_s, "longctx_tok_s": length / ours_s,
+            rows.append({"device": speed["device"], "length": length, "dtype": dtype, "hf_tok_s": length / hf_s,
+                         "longctx_tok_s": length / ours_s,
                          "speed_ratio": hf_s / ours_s, "hf_peak_mb": memory["transformers"],
                          "longctx_peak_mb": memory["longctx"],
                          "memory_ratio": memory["longctx"] / memory["transformers"],
@@ -95,7 +108,8 @@ def main():
             print_table(rows[-1:], list(rows[-1]))
     print()
     print_table(rows, list(rows[0]))
-    print("wrote", write_results("forward", rows, shape=SHAPE, repeats=args.repeats,
+    name = "forward" if rows[0]["device"] == "cpu" else "forward_cuda"
+    print("wrote", write_results(name, rows, shape=SHAPE, repeats=args.repeats,
                                  targets={"16384 float32": "speed >= 1.0, memory <= 0.6",
                                           "16384 bfloat16": "speed >= 1.1, memory <= 0.6",
                                           "2048 float32": "speed >= 1.2"}))

@@ -123,6 +123,7 @@ def main():
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
     parser.add_argument("--steps", type=int, default=8, help="timed steps of each, after one warm-up (median)")
     parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="autocast dtype")
+    parser.add_argument("--compile", action="store_true", help="both models compiled (model.compile(), inductor)")
     parser.add_argument("--seq-len", type=int, help="override the preset's seq_len (e.g. 2048)")
     parser.add_argument("--micro-batch", type=int, help="override the preset's micro_batch_size")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops for each model")
@@ -132,7 +133,8 @@ def main():
         return
     rows = []
     for preset in args.presets:
-        common = {"preset": preset, "autocast": args.autocast, "seq_len": args.seq_len, "micro_batch": args.micro_batch}
+        common = {"preset": preset, "autocast": args.autocast, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+                  "compile": args.compile}
         speed = run_case("benchmarks.bench_train", {**common, "kind": "speed", "steps": args.steps,
                                                    "profile": args.profile}, timeout=3600)
         memory = {impl: run_case("benchmarks.bench_train", {**common, "kind": "memory", "impl": impl})["peak_mb"]
@@ -154,8 +156,10 @@ def main():
     print()
     print_table(rows, list(rows[0]))
     name = "_".join(["train", *([] if rows[0]["device"] == "cpu" else [rows[0]["device"]]),
-                     *([f"seq{args.seq_len}"] if args.seq_len else []), *([args.autocast] if args.autocast else [])])
+                     *([f"seq{args.seq_len}"] if args.seq_len else []), *([args.autocast] if args.autocast else []),
+                     *(["compiled"] if args.compile else [])])
     print("wrote", write_results(name, rows, steps=args.steps, autocast=args.autocast, seq_len=args.seq_len,
+                                 compiled=args.compile,
                                  micro_batch=args.micro_batch, target={"small, 2k tokens": "speed >= 1.2"}))
 
 

@@ -61,21 +61,28 @@ def summary():
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=list(SUITE), help="run these benchmarks only")
-    args = parser.parse_args()
+def run_suite(suite, names, summary_rows):
+    """Run `python -m benchmarks.bench_SCRIPT ARGS` for each name (suite: name -> (script, args)), then print the
+    time each took and the targets met / not met."""
     durations = {}
-    for name in args.only or SUITE:
-        print(f"\n=== benchmarks.bench_{name} {' '.join(SUITE[name])}", flush=True)
+    for name in names:
+        script, arguments = suite[name] if isinstance(suite[name], tuple) else (name, suite[name])
+        print(f"\n=== benchmarks.bench_{script} {' '.join(arguments)}", flush=True)
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", f"benchmarks.bench_{name}", *SUITE[name]], check=True)
+        subprocess.run([sys.executable, "-m", f"benchmarks.bench_{script}", *arguments], check=True)
         durations[name] = time.perf_counter() - start
     print("\n=== time per benchmark: " + ", ".join(f"{n} {s:.0f} s" for n, s in durations.items())
           + f"; total {sum(durations.values()) / 60:.1f} min")
     print("\n=== targets (issue 6), from benchmarks/results/*.json")
-    for target, measured, met in summary():
+    for target, measured, met in summary_rows():
         print(f"{'met    ' if met else 'NOT met'}  {target:<70} {measured}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=list(SUITE), help="run these benchmarks only")
+    args = parser.parse_args()
+    run_suite(SUITE, args.only or list(SUITE), summary)
 
 
 if __name__ == "__main__":

@@ -167,15 +167,20 @@ def prefer_blocked(query, key, mask: AttentionMask) -> bool:
             and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)))
 
 
-def eager_attention(query, key, value, mask: AttentionMask, scaling, dropout=0.0):
-    """Reference: softmax(q kᵀ · scaling + mask) v, softmax in float32."""
-    n_rep = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (batch, heads, q_len, kv_len)
+def eager_weights(query, key, mask: AttentionMask, scaling, dropout=0.0):
+    """The attention weights softmax(q kᵀ · scaling + mask) (batch, heads, q_len, kv_len), softmax in float32,
+    then dropout: what `output_attentions=True` returns, as transformers' eager attention does."""
+    key = repeat_kv(key, query.shape[1] // key.shape[1])
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     scores = scores.masked_fill(~mask.dense(query.device), torch.finfo(scores.dtype).min)
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = F.dropout(probs, p=dropout, training=dropout > 0)
-    return torch.matmul(probs, value).transpose(1, 2)
+    return F.dropout(probs, p=dropout, training=dropout > 0)
+
+
+def eager_attention(query, key, value, mask: AttentionMask, scaling, dropout=0.0, weights=None):
+    """Reference: softmax(q kᵀ · scaling + mask) v, softmax in float32 (`weights`: from `eager_weights`)."""
+    weights = eager_weights(query, key, mask, scaling, dropout) if weights is None else weights
+    return torch.matmul(weights, repeat_kv(value, query.shape[1] // value.shape[1])).transpose(1, 2)
 
 
 def sdpa_attention(query, key, value, mask: AttentionMask, scaling, dropout=0.0):
@@ -413,9 +418,10 @@ class LongCtxAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, hidden_states, position_embeddings, mask: AttentionMask, query_scale=None,
-                cache=None, position_ids=None, rotary=None):
-        """`position_embeddings` (cos, sin) of the query positions; `position_ids` (batch, q_len) and `rotary` (the
-        model's `LongCtxRotaryEmbedding`) are needed by the rope_types that keep keys before RoPE."""
+                cache=None, position_ids=None, rotary=None, output_attentions=False):
+        """(output (batch, q_len, hidden), the attention weights or None). `position_embeddings` (cos, sin) of the
+        query positions; `position_ids` (batch, q_len) and `rotary` (the model's `LongCtxRotaryEmbedding`) are needed
+        by the rope_types that keep keys before RoPE. `output_attentions` needs the eager backend."""
         batch, q_len, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
         key = self.k_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
@@ -424,7 +430,13 @@ class LongCtxAttention(nn.Module):
             query = query * query_scale[:, None, :, None].to(query.dtype)
         implementation = self.config._attn_implementation or "sdpa"
         dropout = self.config.attention_dropout if self.training else 0.0
-        if self.config.rope_parameters["rope_type"] in KEYS_BEFORE_ROPE:
+        rope_type = self.config.rope_parameters["rope_type"]
+        if output_attentions and (implementation != "eager" or rope_type in KEYS_BEFORE_ROPE):
+            raise ValueError(f"output_attentions=True needs attn_implementation='eager' (got {implementation!r}) and a "
+                             f"rope_type that caches keys after RoPE (got {rope_type!r}): the fused and block-wise "
+                             "paths never hold the whole weight matrix. Load with attn_implementation='eager'.")
+        weights = None
+        if rope_type in KEYS_BEFORE_ROPE:
             if position_ids is None:
                 raise ValueError(f"rope_type={self.config.rope_parameters['rope_type']!r} needs `position_ids`.")
             key, value, key_positions = update_keys_before_rope(cache, self.layer_idx, key, value,
@@ -435,7 +447,12 @@ class LongCtxAttention(nn.Module):
         else:
             cos, sin = position_embeddings
             query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)  # (batch, heads, q_len, head_dim)
-            if cache is not None:
+            if cache is not None:  # a StaticCache returns its whole buffer: the first kv_len slots are the filled ones
                 key, value = update_keys_after_rope(cache, self.layer_idx, key, value)
-            out = ATTENTION_FUNCTIONS[implementation](query, key, value, mask, self.scaling, dropout)
-        return self.o_proj(out.reshape(batch, q_len, -1))  # out: (batch, q_len, heads, head_dim)
+                key, value = key[:, :, :mask.kv_len], value[:, :, :mask.kv_len]
+            if output_attentions:
+                weights = eager_weights(query, key, mask, self.scaling, dropout)
+                out = eager_attention(query, key, value, mask, self.scaling, weights=weights)
+            else:
+                out = ATTENTION_FUNCTIONS[implementation](query, key, value, mask, self.scaling, dropout)
+        return self.o_proj(out.reshape(batch, q_len, -1)), weights  # out: (batch, q_len, heads, head_dim)

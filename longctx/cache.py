@@ -67,8 +67,8 @@ def update_keys_before_rope(cache, layer_idx, key, value, positions):
         if type(layer) is not DynamicLayer or layer.get_seq_length() > 0:
             raise ValueError(
                 f"This rope_type keeps keys before RoPE in the KV cache, but layer {layer_idx} of the given cache is a "
-                f"{type(layer).__name__} holding {layer.get_seq_length()} keys: pass a fresh DynamicCache (or none), "
-                "and start a new cache after `set_rope`.")
+                f"{type(layer).__name__} holding {layer.get_seq_length()} keys: pass a fresh DynamicCache (or none; "
+                "in generate(), the default cache_implementation), and start a new cache after `set_rope`.")
         layer = cache.layers[layer_idx] = PreRopeLayer()
     keys, values = cache.update(key, value, layer_idx, positions=positions)
     return keys, values, layer.positions

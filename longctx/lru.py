@@ -180,7 +180,7 @@ def write_lru_state(cache, layer_idx, state, new_tokens):
 def cached_length(cache):
     """Tokens the cache has seen: an attention layer's key count, or in an all-LRU stack the LRU token count."""
     if not cache.layers or not all(cache.is_linear):
-        return cache.get_seq_length()  # transformers looks up the first attention layer
+        return int(cache.get_seq_length())  # the first attention layer's (a StaticLayer counts in a tensor)
     layer = _state_layer(cache, 0)
     return layer.lru_seen_tokens if layer.has_previous_state[0] else 0
 

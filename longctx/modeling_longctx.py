@@ -16,6 +16,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
+from transformers.utils.generic import can_return_tuple
 
 from .attention import AttentionMask, LongCtxAttention, check_attn_implementation, logn_query_scale
 from .configuration_longctx import LongCtxConfig
@@ -71,15 +72,17 @@ class LongCtxDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = LongCtxRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, hidden_states, position_embeddings, mask, query_scale=None, cache=None,
-                position_ids=None, rotary=None):
-        residual = hidden_states
+                position_ids=None, rotary=None, output_attentions=False):
+        """(hidden states, the attention weights: None unless `output_attentions` in an attention block)."""
+        residual, weights = hidden_states, None
         if self.block_type == "lru":
             hidden_states = self.lru(self.input_layernorm(hidden_states), position_ids, mask.padding_mask, cache)
         else:
-            hidden_states = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, mask,
-                                           query_scale, cache, position_ids=position_ids, rotary=rotary)
+            hidden_states, weights = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, mask,
+                                                    query_scale, cache, position_ids=position_ids, rotary=rotary,
+                                                    output_attentions=output_attentions)
         hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)), weights
 
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache`; 5.23 has the old name.
@@ -175,9 +178,11 @@ class LongCtxModel(LongCtxPreTrainedModel):
                 f"attention_mask has shape {tuple(attention_mask.shape)}; expected a 2D padding mask of shape "
                 f"(batch, past + new tokens) = ({batch}, {kv_len}), 1 for real tokens and 0 for padding.")
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                use_cache=None, past_key_values=None, **kwargs):
-        """`cache` (or its pre-5.24 name `past_key_values`): a `DynamicCache`; one is made when `use_cache`."""
+                use_cache=None, past_key_values=None, output_attentions=None, output_hidden_states=None, **kwargs):
+        """`cache` (or its pre-5.24 name `past_key_values`): a `DynamicCache`; one is made when `use_cache`.
+        `output_hidden_states`, `output_attentions` (eager only) and `return_dict` as in transformers."""
         cache = resolve_cache(cache, past_key_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -209,12 +214,20 @@ class LongCtxModel(LongCtxPreTrainedModel):
         position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)
         query_scale = logn_query_scale(self.config, position_ids, mask)
 
-        hidden_states = inputs_embeds
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        hidden_states, all_hidden, all_weights = inputs_embeds, (), ()
         for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings, mask, query_scale, cache,
-                                  position_ids=position_ids, rotary=self.rotary_emb)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states),
-                                       **{CACHE_FIELD: cache if use_cache else None})
+            all_hidden += (hidden_states,)  # transformers' convention: the embeddings, each layer's input ...
+            hidden_states, weights = layer(hidden_states, position_embeddings, mask, query_scale, cache,
+                                           position_ids=position_ids, rotary=self.rotary_emb,
+                                           output_attentions=output_attentions)
+            all_weights += (weights,)  # None for an LRU block
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache if use_cache else None},
+                                       hidden_states=all_hidden + (hidden_states,) if output_hidden_states else None,
+                                       attentions=all_weights if output_attentions else None)  # ... and the normed last
 
 
 class LongCtxForCausalLM(LongCtxPreTrainedModel, GenerationMixin):
@@ -258,14 +271,17 @@ class LongCtxForCausalLM(LongCtxPreTrainedModel, GenerationMixin):
             return torch.cat((second, first), dim=-1)
         return hidden_states
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                labels=None, use_cache=None, logits_to_keep=0, skip_logits=None, past_key_values=None, **kwargs):
+                labels=None, use_cache=None, logits_to_keep=0, skip_logits=None, past_key_values=None,
+                output_attentions=None, output_hidden_states=None, **kwargs):
         """Causal-LM forward. With `labels` and `skip_logits` (default: while training) the loss is computed in
         chunks and `logits` is None: the (tokens × vocab) logits are never materialised. `past_key_values` is the
         pre-5.24 name of `cache`."""
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              cache=resolve_cache(cache, past_key_values), inputs_embeds=inputs_embeds,
-                             use_cache=use_cache)
+                             use_cache=use_cache, output_attentions=output_attentions,
+                             output_hidden_states=output_hidden_states, return_dict=True)
         hidden_states = self.output_hidden(outputs.last_hidden_state)
         skip_logits = self.training and labels is not None if skip_logits is None else skip_logits
         if skip_logits and labels is None:
@@ -278,7 +294,8 @@ class LongCtxForCausalLM(LongCtxPreTrainedModel, GenerationMixin):
             logits = self.lm_head(hidden_states[:, keep])
             if labels is not None:
                 loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch"))
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: output_cache(outputs)})
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: output_cache(outputs)},
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
     @torch.no_grad()
     def score_tokens(self, input_ids, attention_mask=None, position_ids=None, chunk_size=None):
@@ -286,7 +303,8 @@ class LongCtxForCausalLM(LongCtxPreTrainedModel, GenerationMixin):
 
         The evaluation workload: one forward, the output projection in chunks (no full logits), float32 NLL."""
         hidden = self.output_hidden(self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                               position_ids=position_ids, use_cache=False).last_hidden_state)
+                                               position_ids=position_ids, use_cache=False,
+                                               return_dict=True).last_hidden_state)
         batch, steps = input_ids.shape[0], input_ids.shape[1] - 1
         nll, correct = token_scores(hidden[:, :-1].reshape(batch * steps, -1), self.lm_head.weight,
                                     input_ids[:, 1:].reshape(-1), chunk_size)

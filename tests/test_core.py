@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_same_in_fresh_process, tiny_config_kwargs, tiny_model
+from conftest import assert_same_in_fresh_process, left_padded, tiny_config_kwargs, tiny_model
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from longctx import LongCtxConfig, LongCtxForCausalLM
@@ -42,6 +42,30 @@ def test_from_llama_matches_llama_logits_and_generation(tie, attn):
     assert torch.equal(model.generate(ids[:, :8], **gen_kwargs), llama.generate(ids[:, :8], **gen_kwargs))
 
 
+def test_hidden_states_attentions_and_tuples_as_transformers_returns_them():
+    """output_hidden_states / output_attentions (eager) / return_dict=False against LlamaForCausalLM's own."""
+    llama = random_llama(attn="eager")
+    model = from_llama(llama)
+    model.set_attn_implementation("eager")
+    ids, mask = left_padded([40, 29], 40)
+    with torch.no_grad():
+        expected = llama(ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+        got = model(ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+        assert len(got.hidden_states) == 3 and len(got.attentions) == 2
+        real = mask.bool()[:, :, None]
+        for ours, theirs in zip(got.hidden_states, expected.hidden_states):
+            torch.testing.assert_close(ours * real, theirs * real, atol=1e-5, rtol=0)  # padded rows: unused
+        for ours, theirs in zip(got.attentions, expected.attentions):
+            torch.testing.assert_close(ours * real[:, None], theirs * real[:, None], atol=1e-6, rtol=0)
+        loss, logits = model(ids, labels=ids, return_dict=False)[:2]
+        torch.testing.assert_close(loss, model(ids, labels=ids).loss)
+        assert logits.shape == (2, 40, 128)
+        hybrid = tiny_model(attn="eager", block_types=["lru", "attention"], lru_state_size=16)
+        assert hybrid(ids, output_attentions=True).attentions[0] is None  # an LRU block has no weights
+    with pytest.raises(ValueError, match="output_attentions=True needs attn_implementation='eager' \\(got 'sdpa'\\)"):
+        tiny_model(attn="sdpa")(ids, output_attentions=True)
+
+
 def test_loss_is_next_token_cross_entropy_ignoring_minus_100():
     model = tiny_model()
     ids = torch.randint(0, 128, (2, 16))
@@ -53,6 +77,16 @@ def test_loss_is_next_token_cross_entropy_ignoring_minus_100():
     keep = target != -100
     manual = -torch.log_softmax(logits[keep], -1).gather(1, target[keep, None]).mean()
     torch.testing.assert_close(out.loss, manual)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"block_types": ["lru", "attention"], "lru_state_size": 16}])
+def test_generate_with_a_static_cache_equals_the_dynamic_cache(overrides):
+    """generate(cache_implementation="static") pre-allocates keys: only the filled slots may be attended to."""
+    model = tiny_model(**overrides)
+    ids, mask = left_padded([12, 9], 12)
+    kwargs = dict(attention_mask=mask, max_new_tokens=15, do_sample=False, pad_token_id=0)
+    expected = model.generate(ids, **kwargs)
+    assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), expected)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

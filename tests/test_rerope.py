@@ -56,7 +56,7 @@ def test_attention_equals_su_formula_with_padding(rope, attn, monkeypatch):
     hidden = torch.randn(2, 40, 64)
     with torch.no_grad():
         expected = su_reference(layer, config, hidden, positions, mask)
-        got = layer(hidden, model.model.rotary_emb(positions, hidden.dtype), AttentionMask(40, 40, mask.bool()),
+        got, _ = layer(hidden, model.model.rotary_emb(positions, hidden.dtype), AttentionMask(40, 40, mask.bool()),
                     position_ids=positions, rotary=model.model.rotary_emb)
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
@@ -160,7 +160,7 @@ def test_blockwise_prefill_never_builds_a_length_squared_matrix(monkeypatch):
     length = 16384
     positions = torch.arange(length)[None]
     with torch.no_grad():
-        out = layer(torch.randn(1, length, 16), None, AttentionMask(length, length), position_ids=positions)
+        out, _ = layer(torch.randn(1, length, 16), None, AttentionMask(length, length), position_ids=positions)
     assert out.shape == (1, length, 16) and torch.isfinite(out).all()
     assert max(largest) <= attention.SCORE_BLOCK_ELEMENTS < length * length // 16
 

@@ -70,6 +70,20 @@ class AttentionMask:
         mask = causal & self.padding_mask[:, None, None, : past + end].to(device)
         return mask | (causal & ~mask.any(dim=-1, keepdim=True))
 
+    def real_spans(self):
+        """[(start, end)] per batch row when every row's real tokens are one run (left or right padding) in a
+        prefill (no cache), else None: then each row is plain causal attention over its run."""
+        if self.padding_mask is None or self.q_len != self.kv_len:
+            return None
+        real = self.padding_mask
+        counts = real.sum(-1)
+        starts = real.int().argmax(-1)
+        index = torch.arange(real.shape[-1], device=real.device)
+        run = (index >= starts[:, None]) & (index < (starts + counts)[:, None])
+        if not bool((run == real).all()):
+            return None
+        return [(s, s + n) for s, n in zip(starts.tolist(), counts.tolist())]
+
     def visible_keys(self, device) -> torch.Tensor:
         """Number of keys each query sees, (batch or 1, q_len): what `logn_scaling="trained"` counts."""
         if self.padding_mask is None:
@@ -183,11 +197,26 @@ def eager_attention(query, key, value, mask: AttentionMask, scaling, dropout=0.0
     return torch.matmul(weights, repeat_kv(value, query.shape[1] // value.shape[1])).transpose(1, 2)
 
 
+PER_ROW_QUERIES = 256  # padded prefills from this length run row by row (BENCHMARKS.md, "Attention backends")
+
+
 def sdpa_attention(query, key, value, mask: AttentionMask, scaling, dropout=0.0):
-    """torch's scaled_dot_product_attention: `is_causal` without any mask when nothing is padded; on CPU in
-    bfloat16 without autograd, `blocked_attention` where it is faster (`prefer_blocked`)."""
+    """torch's scaled_dot_product_attention: `is_causal` without any mask when nothing is padded, and row by row
+    over each row's real run for a padded prefill (`real_spans`); on CPU in bfloat16 without autograd,
+    `blocked_attention` where it is faster (`prefer_blocked`)."""
     if prefer_blocked(query, key, mask):
         return blocked_attention(query, key, value, mask, scaling, dropout)
+    spans = None
+    if mask.q_len >= PER_ROW_QUERIES and not torch.compiler.is_compiling():
+        spans = mask.real_spans()
+    if spans is not None:  # a padded prefill: each row causal over its run, no (q_len × kv_len) mask
+        out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
+        for row, (start, end) in enumerate(spans):
+            if end > start:
+                rows = slice(row, row + 1), slice(None), slice(start, end)
+                out[row, start:end] = sdpa_attention(query[rows], key[rows], value[rows],
+                                                     AttentionMask(end - start, end - start), scaling, dropout)[0]
+        return out  # padding queries: zeros (their outputs are never used)
     attn_mask, is_causal = None, False
     if not mask.is_plain_causal or 1 < mask.q_len < mask.kv_len:
         attn_mask = mask.dense(query.device)

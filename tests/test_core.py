@@ -163,6 +163,46 @@ def test_sdpa_causal_path_builds_no_dense_mask(monkeypatch):
     assert built == []
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_prefill_runs_row_by_row_without_a_dense_mask(monkeypatch, side):
+    """A padded batch of >= PER_ROW_QUERIES tokens: each row causal over its real run (no L × L mask), the real
+    positions' logits and every gradient as with the dense mask."""
+    import longctx.attention as attention
+
+    model = tiny_model().train()
+    width, lengths = 300, [300, 260, 181]
+    ids, mask = left_padded(lengths, width)
+    if side == "right":
+        ids, mask = ids.flip(1), mask.flip(1)
+    real = mask.bool()[..., None]
+
+    def logits_and_grads():
+        model.zero_grad(set_to_none=True)
+        logits = model(ids, attention_mask=mask, use_cache=False).logits
+        (logits * real).square().mean().backward()  # a loss over the real positions only
+        return logits * real, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    monkeypatch.setattr(attention, "PER_ROW_QUERIES", 10**9)
+    dense_logits, dense_grads = logits_and_grads()
+    monkeypatch.setattr(attention, "PER_ROW_QUERIES", 256)
+    monkeypatch.setattr(AttentionMask, "dense", lambda self, device: pytest.fail("dense mask built"))
+    logits, grads = logits_and_grads()
+    torch.testing.assert_close(logits, dense_logits, atol=1e-5, rtol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, dense_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_padding_runs_are_found_and_holes_keep_the_dense_mask():
+    mask = torch.ones(2, 300, dtype=torch.bool)
+    mask[1, 100:110] = False  # not one run: no per-row split
+    assert AttentionMask(300, 300, mask).real_spans() is None
+    index = torch.arange(300)[None]
+    left, right = index >= torch.tensor([[0], [20]]), index < torch.tensor([[300], [7]])
+    assert AttentionMask(300, 300, left).real_spans() == [(0, 300), (20, 300)]
+    assert AttentionMask(300, 300, right).real_spans() == [(0, 300), (0, 7)]
+    assert AttentionMask(1, 300, mask[:1]).real_spans() is None  # a cached step: keys outnumber queries
+
+
 def test_inputs_longer_than_max_position_embeddings_are_allowed():
     model = tiny_model()
     with torch.no_grad():

@@ -219,11 +219,13 @@ class LongCtxModel(LongCtxPreTrainedModel):
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         hidden_states, all_hidden, all_weights = inputs_embeds, (), ()
         for layer in self.layers:
-            all_hidden += (hidden_states,)  # transformers' convention: the embeddings, each layer's input ...
+            if output_hidden_states:  # transformers' convention: the embeddings, each layer's input ...
+                all_hidden += (hidden_states,)
             hidden_states, weights = layer(hidden_states, position_embeddings, mask, query_scale, cache,
                                            position_ids=position_ids, rotary=self.rotary_emb,
                                            output_attentions=output_attentions)
-            all_weights += (weights,)  # None for an LRU block
+            if output_attentions:
+                all_weights += (weights,)  # None for an LRU block
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache if use_cache else None},
                                        hidden_states=all_hidden + (hidden_states,) if output_hidden_states else None,

@@ -32,6 +32,7 @@ class AttentionMask:
     kv_len: int
     padding_mask: torch.Tensor | None = None
     _dense: torch.Tensor | None = field(default=None, repr=False)
+    _spans: object = field(default=False, repr=False)  # `real_spans`, found once per forward (False: not yet)
 
     @property
     def is_plain_causal(self) -> bool:
@@ -72,7 +73,13 @@ class AttentionMask:
 
     def real_spans(self):
         """[(start, end)] per batch row when every row's real tokens are one run (left or right padding) in a
-        prefill (no cache), else None: then each row is plain causal attention over its run."""
+        prefill (no cache), else None: then each row is plain causal attention over its run. Found once per mask
+        (one device sync), shared by every layer."""
+        if self._spans is False:
+            self._spans = self._find_spans()
+        return self._spans
+
+    def _find_spans(self):
         if self.padding_mask is None or self.q_len != self.kv_len:
             return None
         real = self.padding_mask
@@ -460,10 +467,6 @@ class LongCtxAttention(nn.Module):
         implementation = self.config._attn_implementation or "sdpa"
         dropout = self.config.attention_dropout if self.training else 0.0
         rope_type = self.config.rope_parameters["rope_type"]
-        if output_attentions and (implementation != "eager" or rope_type in KEYS_BEFORE_ROPE):
-            raise ValueError(f"output_attentions=True needs attn_implementation='eager' (got {implementation!r}) and a "
-                             f"rope_type that caches keys after RoPE (got {rope_type!r}): the fused and block-wise "
-                             "paths never hold the whole weight matrix. Load with attn_implementation='eager'.")
         weights = None
         if rope_type in KEYS_BEFORE_ROPE:
             if position_ids is None:

@@ -22,9 +22,20 @@ from .attention import AttentionMask, LongCtxAttention, check_attn_implementatio
 from .configuration_longctx import LongCtxConfig
 from .loss import causal_lm_loss, linear_cross_entropy, token_scores
 from .lru import LongCtxLRU, cached_length
-from .rope import LongCtxRotaryEmbedding
+from .rope import KEYS_BEFORE_ROPE, LongCtxRotaryEmbedding
 
 logger = logging.get_logger(__name__)
+
+
+def weights_available(config) -> bool:
+    """Whether this model can return attention weights: the eager backend with keys cached after RoPE (the fused
+    and block-wise paths never hold the whole matrix). If not, warns once, as transformers does for sdpa."""
+    available = (config._attn_implementation == "eager"
+                 and config.rope_parameters["rope_type"] not in KEYS_BEFORE_ROPE)
+    if not available and not torch.compiler.is_compiling():
+        logger.warning_once("output_attentions=True needs attn_implementation='eager' and a rope_type that caches "
+                            "keys after RoPE (load with attn_implementation='eager'); `attentions` will be None.")
+    return available
 
 
 class LongCtxRMSNorm(nn.Module):
@@ -216,6 +227,7 @@ class LongCtxModel(LongCtxPreTrainedModel):
 
         config = self.config
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_attentions = output_attentions and weights_available(config)  # else a warning, as transformers
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         hidden_states, all_hidden, all_weights = inputs_embeds, (), ()
         for layer in self.layers:
@@ -305,8 +317,9 @@ class LongCtxForCausalLM(LongCtxPreTrainedModel, GenerationMixin):
 
         The evaluation workload: one forward, the output projection in chunks (no full logits), float32 NLL."""
         hidden = self.output_hidden(self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                               position_ids=position_ids, use_cache=False,
-                                               return_dict=True).last_hidden_state)
+                                               position_ids=position_ids, use_cache=False, return_dict=True,
+                                               output_attentions=False, output_hidden_states=False
+                                               ).last_hidden_state)
         batch, steps = input_ids.shape[0], input_ids.shape[1] - 1
         nll, correct = token_scores(hidden[:, :-1].reshape(batch * steps, -1), self.lm_head.weight,
                                     input_ids[:, 1:].reshape(-1), chunk_size)

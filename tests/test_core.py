@@ -62,8 +62,27 @@ def test_hidden_states_attentions_and_tuples_as_transformers_returns_them():
         assert logits.shape == (2, 40, 128)
         hybrid = tiny_model(attn="eager", block_types=["lru", "attention"], lru_state_size=16)
         assert hybrid(ids, output_attentions=True).attentions[0] is None  # an LRU block has no weights
-    with pytest.raises(ValueError, match="output_attentions=True needs attn_implementation='eager' \\(got 'sdpa'\\)"):
-        tiny_model(attn="sdpa")(ids, output_attentions=True)
+        assert tiny_model(attn="sdpa")(ids, output_attentions=True).attentions is None  # a warning, as transformers
+
+
+def test_output_attentions_in_the_config_never_breaks_a_forward(monkeypatch):
+    """config.output_attentions=True: weights where they exist, None (a warning) elsewhere; scoring forms none."""
+    from longctx.attention import LongCtxAttention
+
+    ids = torch.randint(0, 128, (1, 20))
+    rerope = {"rope_type": "rerope", "rerope_window": 8, "rope_theta": 10000.0}
+    for model in (tiny_model(attn="sdpa", output_attentions=True),
+                  tiny_model(attn="eager", output_attentions=True, rope_parameters=rerope)):
+        assert model(ids).attentions is None
+        out = model.generate(ids, max_new_tokens=3, do_sample=False)  # (a GenerateDecoderOnlyOutput here)
+        assert out.sequences.shape == (1, 23)
+    eager = tiny_model(attn="eager", output_attentions=True)
+    assert len(eager(ids).attentions) == 2
+    requested, forward = [], LongCtxAttention.forward
+    monkeypatch.setattr(LongCtxAttention, "forward", lambda self, *a, output_attentions=False, **k: (
+        requested.append(output_attentions), forward(self, *a, output_attentions=output_attentions, **k))[1])
+    nll, correct = eager.score_tokens(ids)
+    assert nll.shape == correct.shape == (1, 19) and requested == [False, False]
 
 
 def test_loss_is_next_token_cross_entropy_ignoring_minus_100():

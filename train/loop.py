@@ -224,7 +224,7 @@ def lm_loss(model, batch, device, chunked=None):
     input_ids = batch["input_ids"].to(device)
     extra = {} if chunked is None else {"skip_logits": chunked}
     return model(input_ids=input_ids, position_ids=batch["position_ids"].to(device), labels=input_ids,
-                 use_cache=False, **extra).loss
+                 use_cache=False, return_dict=True, **extra).loss
 
 
 @torch.no_grad()

@@ -204,7 +204,7 @@ def eager_attention(query, key, value, mask: AttentionMask, scaling, dropout=0.0
     return torch.matmul(weights, repeat_kv(value, query.shape[1] // value.shape[1])).transpose(1, 2)
 
 
-PER_ROW_QUERIES = 256  # padded prefills from this length run row by row (BENCHMARKS.md, "Attention backends")
+PER_ROW_QUERIES = 256  # padded prefills from this length run row by row (BENCHMARKS.md, "Padded batches")
 
 
 def sdpa_attention(query, key, value, mask: AttentionMask, scaling, dropout=0.0):
@@ -470,7 +470,7 @@ class LongCtxAttention(nn.Module):
         weights = None
         if rope_type in KEYS_BEFORE_ROPE:
             if position_ids is None:
-                raise ValueError(f"rope_type={self.config.rope_parameters['rope_type']!r} needs `position_ids`.")
+                raise ValueError(f"rope_type={rope_type!r} needs `position_ids`.")
             key, value, key_positions = update_keys_before_rope(cache, self.layer_idx, key, value,
                                                                 position_ids)
             inv_freq = rotary.inv_freq(query.device)[0] if rotary is not None else compute_inv_freq(self.config)[0]
@@ -479,9 +479,8 @@ class LongCtxAttention(nn.Module):
         else:
             cos, sin = position_embeddings
             query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)  # (batch, heads, q_len, head_dim)
-            if cache is not None:  # a StaticCache returns its whole buffer: the first kv_len slots are the filled ones
-                key, value = update_keys_after_rope(cache, self.layer_idx, key, value)
-                key, value = key[:, :, :mask.kv_len], value[:, :, :mask.kv_len]
+            if cache is not None:
+                key, value = update_keys_after_rope(cache, self.layer_idx, key, value, mask.kv_len)
             if output_attentions:
                 weights = eager_weights(query, key, mask, self.scaling, dropout)
                 out = eager_attention(query, key, value, mask, self.scaling, weights=weights)

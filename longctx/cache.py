@@ -74,13 +74,16 @@ def update_keys_before_rope(cache, layer_idx, key, value, positions):
     return keys, values, layer.positions
 
 
-def update_keys_after_rope(cache, layer_idx, key, value):
-    """The usual post-RoPE cache update; refuses a cache holding keys before RoPE (filled under another rope_type)."""
+def update_keys_after_rope(cache, layer_idx, key, value, kv_len):
+    """The usual post-RoPE cache update: every cached key and value, the first `kv_len` (a StaticCache returns its
+    whole pre-allocated buffer, whose first slots are the filled ones). Refuses a cache holding keys before RoPE
+    (filled under another rope_type)."""
     if layer_idx < len(cache.layers) and isinstance(cache.layers[layer_idx], PreRopeLayer):
         raise ValueError(
             f"Layer {layer_idx} of the given cache holds keys before RoPE (filled under rope_type dynamic/rerope/"
             "leaky-rerope); this rope_type caches keys after RoPE. Start a new cache after `set_rope`.")
-    return cache.update(key, value, layer_idx)
+    keys, values = cache.update(key, value, layer_idx)
+    return keys[:, :, :kv_len], values[:, :, :kv_len]
 
 
 __all__ = ["PreRopeLayer", "update_keys_after_rope", "update_keys_before_rope"]

@@ -136,9 +136,9 @@ def _scan_backward(ctx, grad_x):
     other way in time with conj(λ); then ∂L/∂b = g, ∂L/∂λ = Σ_t k_t·g_t·conj(x_{t−1}), ∂L/∂x0 = conj(λ)·k_0·g_0."""
     lam, x, keep, x0 = ctx.saved_tensors
     step = 1 if ctx.reverse else -1  # x_t depends on x_{t+step}
-    if keep is not None:  # k_{t−step}: the factor the next state in the scan's direction puts on x_t
-        keep_next = torch.roll(keep, step, dims=1)
-    g = _scan_op(lam.conj(), grad_x, None if keep is None else keep_next, None, ctx.chunk_size, not ctx.reverse)
+    # k_{t−step}: the factor the next state in the scan's direction puts on x_t
+    keep_next = None if keep is None else torch.roll(keep, step, dims=1)
+    g = _scan_op(lam.conj(), grad_x, keep_next, None, ctx.chunk_size, not ctx.reverse)
     weighted = g if keep is None else g * keep[..., None]
     start = torch.zeros_like(x[:, :1]) if x0 is None else x0[:, None].to(x.dtype)
     previous = torch.cat([start, x[:, :-1]], dim=1) if step == -1 else torch.cat([x[:, 1:], start], dim=1)

@@ -52,9 +52,12 @@ def summary():
                          f"{r['time_ratio']:.2f}x, {r['memory_ratio']:.2f}x", r["time_ratio"] <= 2.5
                          and r["memory_ratio"] <= 2))
     for r in load("lru"):
-        if r["length"] == 16384 and "loop_x" in r:
-            rows.append(("LRU scan 16k: >= 50x the loop, <= 4x the elementwise floor",
-                         f"{r['loop_x']:.1f}x, {r['floor_x']:.1f}x", r["loop_x"] >= 50 and r["floor_x"] <= 4))
+        for kind, label in (("reused", "into a reused output"), ("native", "fresh output"),
+                            ("chunked", "chunked, fresh output")):
+            if r["length"] == 16384 and r.get(f"{kind}_loop_x"):
+                loop_x, floor_x = r[f"{kind}_loop_x"], r[f"{kind}_floor_x"]
+                rows.append((f"LRU scan 16k ({label}): >= 50x the loop, <= 4x the elementwise floor",
+                             f"{loop_x:.1f}x, {floor_x:.1f}x", loop_x >= 50 and floor_x <= 4))
     for r in load("precision_default"):
         if r["attention"].startswith("blocked"):
             rows.append(("bf16 perplexity within 0.5% of fp32", f"{r['vs_fp32_pct']:+.3f}%",

@@ -2,24 +2,39 @@
 
     λ = exp(−exp(ν_log) + i·exp(θ_log)),   x_t = λ ⊙ x_{t−1} + γ ⊙ (B u_t),   y_t = Re(C x_t) + D ⊙ u_t
 
-`lru_scan_sequential` is the reference: one step at a time. `lru_scan` is the fast one: chunks of `chunk_size`
-steps scanned side by side, the state entering each chunk by the same scan one level up (λ^T per step), then the
-chunks again from their true incoming states. Only λ and its positive powers appear (|λ^k| ≤ 1): the cumsum of
-λ^{−k}·b overflows (methods.md §13, pitfall 9). Both scans run in complex64 whatever the model dtype, and drop
-λ·x_{t−1} where `reset` is True, a document start (`position_ids == 0`). The fast scan is a custom operator
-(`torch.ops.longctx.lru_scan`) whose backward is the same scan run backwards in time with conj(λ): `torch.compile`
-keeps it whole in its graph.
+`lru_scan_sequential` is the reference: one step at a time. `lru_scan` is the fast one, with two backends:
+- "native" (CPU): the loop itself in C, one read of b and one write of x, compiled once per machine with the
+  system's C compiler into longctx's cache directory and loaded with ctypes (`native_scan_kernel`);
+- "chunked" (any device; CPU where no C compiler works): chunks of `chunk_size` steps scanned side by side, the
+  state entering each chunk by the same scan one level up (λ^T per step), then the chunks again from their true
+  incoming states. Only λ and its positive powers appear (|λ^k| ≤ 1): the cumsum of λ^{−k}·b overflows
+  (methods.md §13, pitfall 9).
+Both run in complex64 whatever the model dtype, and drop λ·x_{t−1} where `reset` is True, a document start
+(`position_ids == 0`). The fast scan is a custom operator (`torch.ops.longctx.lru_scan`) whose backward is the same
+scan run backwards in time with conj(λ): `torch.compile` keeps it whole in its graph.
 
 The recurrent state (batch, state_size) of each LRU layer lives in transformers' cache, in the
 `LinearAttentionLayer` that `DynamicCache(config=...)` builds for `layer_types[i] == "linear_attention"`.
 """
 
+import ctypes
+import functools
+import hashlib
 import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 SCAN_CHUNK_SIZE = 16  # steps per chunk of `lru_scan`: fastest of 8–128 on a 2-core CPU (BENCHMARKS.md, ## LRU)
 
@@ -41,15 +56,22 @@ def lru_scan_sequential(lam, b, reset=None, x0=None):
     return torch.stack(states, dim=1)
 
 
-def lru_scan(lam, b, reset=None, x0=None, chunk_size=SCAN_CHUNK_SIZE):
+SCAN_BACKENDS = ("native", "chunked")
+
+
+def lru_scan(lam, b, reset=None, x0=None, chunk_size=SCAN_CHUNK_SIZE, backend=None):
     """Fast scan with the semantics of `lru_scan_sequential`, in complex64, differentiable (its own backward).
 
-    One custom op (`torch.ops.longctx.lru_scan`), so `torch.compile` keeps it whole in its graph."""
+    `backend`: "native" (CPU, needs a C compiler), "chunked" (any device, `chunk_size` steps per chunk), or None:
+    native where it runs, else chunked. One custom op (`torch.ops.longctx.lru_scan`): `torch.compile` keeps it
+    whole in its graph."""
+    if backend is not None and backend not in SCAN_BACKENDS:
+        raise ValueError(f"backend={backend!r} is not an LRU scan backend; use one of {SCAN_BACKENDS} or None.")
     if b.shape[1] == 0:
         return b.to(torch.complex64)
     keep = None if reset is None else ~reset
     x0 = None if x0 is None else x0.to(torch.complex64, copy=True)  # the cache rewrites its state buffer in place
-    return _scan_op(lam, b.to(torch.complex64), keep, x0, chunk_size, False)
+    return _scan_op(lam, b.to(torch.complex64), keep, x0, chunk_size, False, backend or "auto")
 
 
 def _coefficient(lam, keep, t):
@@ -101,11 +123,142 @@ def _chunked_scan(b, log_lam, keep, x0, chunk_size, out):
     return out
 
 
-def _scan(lam, b, keep, x0, chunk_size, reverse):
+# The native backend: the sequential loop in C over contiguous complex64 (re, im) pairs, vectorised across the
+# state; one read of b and one write of x, which no composition of torch ops reaches (BENCHMARKS.md, "LRU scan").
+_SCAN_SOURCE = r"""
+/* x_t = lam * keep_t * x_prev + b_t for each batch row, prev = x_{t-1} (or x_{t+1} when reverse), x0 before the
+   first step (none: x = b there). Complex numbers as (re, im) float pairs; b, x: (batch, length, size) contiguous;
+   keep: (batch, length) bytes or NULL; x0: (batch, size) or NULL. */
+void longctx_lru_scan(const float *restrict lam, const float *restrict b, const unsigned char *restrict keep,
+                      const float *restrict x0, float *restrict x, long batch, long length, long size, int reverse)
+{
+    const long row = 2 * size;
+    for (long i = 0; i < batch; i++) {
+        const float *prev = x0 ? x0 + i * row : 0;
+        for (long s = 0; s < length; s++) {
+            const long t = reverse ? length - 1 - s : s, at = (i * length + t) * row;
+            const float *restrict bt = b + at;
+            float *restrict xt = x + at;
+            if (!prev || (keep && !keep[i * length + t])) {
+                for (long n = 0; n < row; n++)
+                    xt[n] = bt[n];
+            } else {
+                for (long n = 0; n < row; n += 2) {
+                    xt[n] = bt[n] + (lam[n] * prev[n] - lam[n + 1] * prev[n + 1]);
+                    xt[n + 1] = bt[n + 1] + (lam[n] * prev[n + 1] + lam[n + 1] * prev[n]);
+                }
+            }
+            prev = xt;
+        }
+    }
+}
+"""
+
+
+def _cpu_identity():
+    """What the compiled code depends on besides its source: the architecture and (Linux) the CPU's features, so
+    a cache directory shared between different machines keeps one library per kind of CPU (`-march=native`)."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def _compile_scan_library():
+    """(path of the compiled native scan, None) or (None, why not). Compiled once per source, compiler and CPU into
+    $LONGCTX_CACHE/kernels (default ~/.cache/longctx/kernels), written atomically; ~0.2 s."""
+    if os.environ.get("LONGCTX_NATIVE_SCAN", "1") == "0":
+        return None, "LONGCTX_NATIVE_SCAN=0"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not compiler or not shutil.which(compiler):
+        return None, f"no C compiler found (CC={os.environ.get('CC', '')!r}, nor cc, gcc or clang on PATH)"
+    key = hashlib.sha256(f"{_SCAN_SOURCE}\0{compiler}\0{_cpu_identity()}".encode()).hexdigest()[:16]
+    errors = []
+    for root in (os.environ.get("LONGCTX_CACHE") or Path.home() / ".cache" / "longctx", tempfile.gettempdir()):
+        directory = Path(root) / "kernels"
+        path = directory / f"lru_scan-{key}.so"
+        if path.exists():
+            return path, None
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=directory) as work:
+                source = Path(work) / "lru_scan.c"
+                source.write_text(_SCAN_SOURCE)
+                for flags in (["-O3", "-march=native"], ["-O3"]):  # not every compiler knows -march=native
+                    built = subprocess.run([compiler, *flags, "-std=c99", "-shared", "-fPIC", str(source), "-o",
+                                            str(Path(work) / "lru_scan.so")], capture_output=True, text=True, check=False)
+                    if built.returncode == 0:
+                        os.replace(Path(work) / "lru_scan.so", path)
+                        return path, None
+                errors.append(f"{compiler} failed: {built.stderr.strip()[-300:]}")
+        except OSError as error:
+            errors.append(f"{directory}: {error}")
+    return None, "; ".join(errors)
+
+
+@functools.cache
+def _native_scan_library():
+    path, reason = _compile_scan_library()
+    if path is None:
+        return None, reason
+    try:
+        kernel = ctypes.CDLL(str(path)).longctx_lru_scan
+    except (OSError, AttributeError) as error:
+        return None, f"loading {path}: {error}"
+    kernel.restype = None
+    kernel.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    return kernel, None
+
+
+def native_scan_kernel():
+    """The compiled native scan (a ctypes function), or None where it cannot be built: then `lru_scan` runs the
+    chunked backend (logged once). `LONGCTX_NATIVE_SCAN=0` turns it off."""
+    kernel, reason = _native_scan_library()
+    if kernel is None:
+        logger.warning_once(f"The LRU scan runs its chunked torch backend on CPU (slower): {reason}.")
+    return kernel
+
+
+def native_scan_unavailable():
+    """Why the native scan cannot run here, or None when it can."""
+    return _native_scan_library()[1]
+
+
+# From 32 MiB glibc maps every allocation afresh: each page faults on its first write. torch's threads take those
+# faults side by side (`zero_`) 1.4× faster than the single-threaded kernel would (BENCHMARKS.md, "LRU scan").
+LARGE_OUTPUT_BYTES = 2**25
+
+
+def _native_scan(lam, b, keep, x0, reverse, out=None):
+    """The scan by the native kernel: complex64 CPU tensors, made contiguous; the kernel releases the GIL. `out`:
+    a contiguous tensor like `b` to write into (benchmarks)."""
+    b = b.contiguous()
+    x = out if out is not None else torch.empty_like(b)
+    if out is None and x.nbytes >= LARGE_OUTPUT_BYTES:
+        x.zero_()
+    lam = lam.contiguous()
+    keep = None if keep is None else keep.to(torch.uint8).contiguous()
+    x0 = None if x0 is None else x0.contiguous()
+    batch, length, size = b.shape
+    native_scan_kernel()(lam.data_ptr(), b.data_ptr(), None if keep is None else keep.data_ptr(),
+                         None if x0 is None else x0.data_ptr(), x.data_ptr(), batch, length, size, int(reverse))
+    return x
+
+
+def _scan(lam, b, keep, x0, chunk_size, reverse, backend):
     """x_t = λ·keep_t·x_{t∓1} + b_t, forward in time (−) or backward (+, `reverse`): a new complex64 tensor."""
-    log_lam = torch.log(lam.detach().to(torch.complex128))
     b = b.detach().to(torch.complex64)
     x0 = None if x0 is None else x0.detach().to(torch.complex64)
+    if backend == "auto":  # decided here, at run time: the op is opaque to torch.compile
+        backend = "native" if b.device.type == "cpu" and native_scan_kernel() is not None else "chunked"
+    if backend == "native":
+        if b.device.type != "cpu" or native_scan_kernel() is None:
+            raise ValueError(f"backend='native' needs CPU tensors (got {b.device.type}) and a working C compiler "
+                             f"({native_scan_unavailable() or 'found'}); use backend='chunked' or None.")
+        return _native_scan(lam.detach().to(torch.complex64), b, keep, x0, reverse)
+    log_lam = torch.log(lam.detach().to(torch.complex128))
     if reverse:
         b, keep = b.flip(1).contiguous(), None if keep is None else keep.flip(1)  # flip keeps b's strides
         return _chunked_scan(b, log_lam, keep, x0, chunk_size, out=b).flip(1)
@@ -115,19 +268,19 @@ def _scan(lam, b, keep, x0, chunk_size, reverse):
 
 @torch.library.custom_op("longctx::lru_scan", mutates_args=())
 def _scan_op(lam: torch.Tensor, b: torch.Tensor, keep: torch.Tensor | None, x0: torch.Tensor | None,
-             chunk_size: int, reverse: bool) -> torch.Tensor:
+             chunk_size: int, reverse: bool, backend: str) -> torch.Tensor:
     """`_scan` as an operator: torch.compile sees one node with the shape below, autograd the rule below."""
-    return _scan(lam, b, keep, x0, chunk_size, reverse)
+    return _scan(lam, b, keep, x0, chunk_size, reverse, backend)
 
 
 @_scan_op.register_fake
-def _(lam, b, keep, x0, chunk_size, reverse):
+def _(lam, b, keep, x0, chunk_size, reverse, backend):
     return torch.empty_like(b, dtype=torch.complex64, memory_format=torch.contiguous_format)
 
 
 def _scan_setup(ctx, inputs, output):
-    lam, _, keep, x0, chunk_size, reverse = inputs
-    ctx.chunk_size, ctx.reverse = chunk_size, reverse
+    lam, _, keep, x0, chunk_size, reverse, backend = inputs
+    ctx.chunk_size, ctx.reverse, ctx.backend = chunk_size, reverse, backend
     ctx.save_for_backward(lam, output, keep, x0)
 
 
@@ -138,14 +291,14 @@ def _scan_backward(ctx, grad_x):
     step = 1 if ctx.reverse else -1  # x_t depends on x_{t+step}
     # k_{t−step}: the factor the next state in the scan's direction puts on x_t
     keep_next = None if keep is None else torch.roll(keep, step, dims=1)
-    g = _scan_op(lam.conj(), grad_x, keep_next, None, ctx.chunk_size, not ctx.reverse)
+    g = _scan_op(lam.conj(), grad_x, keep_next, None, ctx.chunk_size, not ctx.reverse, ctx.backend)
     weighted = g if keep is None else g * keep[..., None]
     start = torch.zeros_like(x[:, :1]) if x0 is None else x0[:, None].to(x.dtype)
     previous = torch.cat([start, x[:, :-1]], dim=1) if step == -1 else torch.cat([x[:, 1:], start], dim=1)
     grad_lam = (weighted * previous.conj()).sum(dim=(0, 1)).to(lam.dtype) if ctx.needs_input_grad[0] else None
     first = 0 if step == -1 else -1
     grad_x0 = (weighted[:, first] * lam.conj().to(g.dtype)) if x0 is not None and ctx.needs_input_grad[3] else None
-    return grad_lam, g if ctx.needs_input_grad[1] else None, None, grad_x0, None, None
+    return grad_lam, g if ctx.needs_input_grad[1] else None, None, grad_x0, None, None, None
 
 
 _scan_op.register_autograd(_scan_backward, setup_context=_scan_setup)

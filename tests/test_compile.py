@@ -61,7 +61,8 @@ def test_lru_scan_operator_passes_opcheck(reverse):
     b = torch.randn(6, 40, 3, dtype=torch.complex64, generator=g).transpose(0, 2).requires_grad_()  # (3, 40, 6)
     keep = torch.rand(3, 40, generator=g) > 0.1
     x0 = torch.randn(3, 6, dtype=torch.complex64, generator=g).requires_grad_()
-    torch.library.opcheck(torch.ops.longctx.lru_scan.default, (lam, b, keep, x0, 16, reverse))
+    for backend in ("native", "chunked"):
+        torch.library.opcheck(torch.ops.longctx.lru_scan.default, (lam, b, keep, x0, 16, reverse, backend))
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -8,8 +8,9 @@ import torch
 from conftest import assert_same_in_fresh_process, tiny_config_kwargs
 from transformers.cache_utils import DynamicCache
 
+import longctx.lru
 from longctx import LongCtxConfig, LongCtxForCausalLM
-from longctx.lru import LongCtxLRU, lru_scan, lru_scan_sequential
+from longctx.lru import LongCtxLRU, lru_scan, lru_scan_sequential, native_scan_unavailable
 from longctx.modeling_longctx import output_cache
 
 
@@ -42,6 +43,11 @@ def relative_error(got, ref):
 
 
 # --- the scans -------------------------------------------------------------------------------------------------------
+BACKENDS = [pytest.param("native", marks=pytest.mark.skipif(native_scan_unavailable() is not None,
+                                                            reason=f"native scan: {native_scan_unavailable()}")),
+            "chunked"]
+
+
 def test_sequential_reference_is_the_closed_form_sum():
     lam = ring_eigenvalues(3, 0.5, 0.99).to(torch.complex128)
     b, _, _ = random_inputs(2, 9, 3)
@@ -56,12 +62,13 @@ def test_sequential_reference_is_the_closed_form_sum():
     torch.testing.assert_close(got[1], expected[1])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("length", [1, 2, 63, 64, 65, 1000, 4096 + 17])
 @pytest.mark.parametrize("reset_rate,with_x0", [(0.0, False), (0.003, True)])
-def test_fast_scan_equals_float64_loop(length, reset_rate, with_x0):
+def test_fast_scan_equals_float64_loop(length, reset_rate, with_x0, backend):
     lam = torch.cat([ring_eigenvalues(3, 0.9999, 0.999999), ring_eigenvalues(3, 0.2, 0.9, seed=1)])
     b, reset, x0 = random_inputs(2, length, 6, reset_rate=reset_rate, with_x0=with_x0)
-    got = lru_scan(lam, b, reset, x0)
+    got = lru_scan(lam, b, reset, x0, backend=backend)
     assert got.dtype == torch.complex64
     assert relative_error(got, float64_reference(lam, b, reset, x0)) <= 1e-4
 
@@ -71,34 +78,80 @@ def test_fast_scan_is_exact_for_any_chunk_size(chunk_size):
     """Small chunks force several levels of chunk-of-chunks recursion and a ragged tail at each."""
     lam = ring_eigenvalues(4, 0.9, 0.99999)
     b, reset, x0 = random_inputs(3, 777, 4, reset_rate=0.01, with_x0=True)
-    got = lru_scan(lam, b, reset, x0, chunk_size=chunk_size)
+    got = lru_scan(lam, b, reset, x0, chunk_size=chunk_size, backend="chunked")
     assert relative_error(got, float64_reference(lam, b, reset, x0)) <= 1e-5
 
 
-def test_fast_scan_at_64k_with_eigenvalues_near_one_and_far_from_it():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fast_scan_at_64k_with_eigenvalues_near_one_and_far_from_it(backend):
     """64k steps: |λ| up to 1 − 1e-6 (long memory, growing state) and down to 0.3, where the cumsum of λ^{−k}·b
     would overflow (0.3^{−65536} is far beyond float64) — the scan uses positive powers only."""
     lam = torch.cat([ring_eigenvalues(3, 0.99999, 0.999999), ring_eigenvalues(1, 0.3, 0.3001, seed=2)])
     b, reset, x0 = random_inputs(1, 65536, 4, seed=3, reset_rate=1e-4, with_x0=True)
-    got = lru_scan(lam, b, reset, x0)
+    got = lru_scan(lam, b, reset, x0, backend=backend)
     assert torch.isfinite(torch.view_as_real(got)).all()
     assert relative_error(got, float64_reference(lam, b, reset, x0)) <= 1e-4
 
 
-def test_fast_scan_gradients_equal_loop_autograd():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fast_scan_gradients_equal_loop_autograd(backend):
     lam = ring_eigenvalues(5, 0.8, 0.9999)
     b, reset, x0 = random_inputs(2, 300, 5, reset_rate=0.02, with_x0=True)
     weight = random_inputs(2, 300, 5, seed=9)[0]
     grads = []
     for scan, dtype in ((lru_scan, torch.complex64), (lru_scan_sequential, torch.complex128)):
         inputs = [t.detach().to(dtype).requires_grad_() for t in (lam, b, x0)]
-        extra = {"chunk_size": 16} if scan is lru_scan else {}
+        extra = {"chunk_size": 16, "backend": backend} if scan is lru_scan else {}
         out = scan(inputs[0], inputs[1], reset, inputs[2], **extra)
         (out * weight.to(out.dtype)).real.sum().backward()
         grads.append([t.grad for t in inputs])
     for got, ref in zip(*grads):
         assert got.dtype == torch.complex64
         assert ((got.to(ref.dtype) - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+@pytest.fixture
+def fresh_native_scan(monkeypatch, tmp_path):
+    """The native scan looked up afresh, with its kernel cache in `tmp_path`; looked up again after the test."""
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path))
+    longctx.lru._native_scan_library.cache_clear()
+    yield tmp_path
+    longctx.lru._native_scan_library.cache_clear()
+
+
+@pytest.mark.skipif(native_scan_unavailable() is not None, reason=f"native scan: {native_scan_unavailable()}")
+def test_native_scan_is_compiled_once_into_the_cache_directory(fresh_native_scan, monkeypatch):
+    lam, (b, _, _) = ring_eigenvalues(4, 0.5, 0.99), random_inputs(1, 50, 4)
+    lru_scan(lam, b, backend="native")
+    [library] = (fresh_native_scan / "kernels").iterdir()  # one file, no temporaries left behind
+    assert library.name.startswith("lru_scan-") and library.suffix == ".so"
+    longctx.lru._native_scan_library.cache_clear()
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled again although the library is in the cache")
+
+    monkeypatch.setattr(longctx.lru.subprocess, "run", no_compiling)
+    assert relative_error(lru_scan(lam, b, backend="native"), float64_reference(lam, b)) <= 1e-5
+
+
+@pytest.mark.parametrize("env,reason", [({"CC": "/nonexistent/cc"}, "no C compiler found"),
+                                        ({"LONGCTX_NATIVE_SCAN": "0"}, "LONGCTX_NATIVE_SCAN=0")])
+def test_without_the_native_scan_the_chunked_one_runs(fresh_native_scan, monkeypatch, env, reason):
+    """No C compiler (or the native scan turned off): the default backend is the chunked scan, same results, and
+    asking for the native one by name says why it cannot run."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    lam, (b, reset, x0) = ring_eigenvalues(4, 0.5, 0.99), random_inputs(2, 300, 4, reset_rate=0.01, with_x0=True)
+    assert reason in native_scan_unavailable()
+    assert relative_error(lru_scan(lam, b, reset, x0), float64_reference(lam, b, reset, x0)) <= 1e-5
+    with pytest.raises(ValueError, match=f"backend='native' needs .*{reason}.*backend='chunked'"):
+        lru_scan(lam, b, backend="native")
+    assert not (fresh_native_scan / "kernels").exists() or not any((fresh_native_scan / "kernels").iterdir())
+
+
+def test_unknown_scan_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"backend='fast' is not an LRU scan backend; use one of \('native', "):
+        lru_scan(ring_eigenvalues(2, 0.5, 0.9), random_inputs(1, 3, 2)[0], backend="fast")
 
 
 # --- the mixer -------------------------------------------------------------------------------------------------------

@@ -130,20 +130,21 @@ _SCAN_SOURCE = r"""
    first step (none: x = b there). Complex numbers as (re, im) float pairs; b, x: (batch, length, size) contiguous;
    keep: (batch, length) bytes or NULL; x0: (batch, size) or NULL. */
 void longctx_lru_scan(const float *restrict lam, const float *restrict b, const unsigned char *restrict keep,
-                      const float *restrict x0, float *restrict x, long batch, long length, long size, int reverse)
+                      const float *restrict x0, float *restrict x, long long batch, long long length,
+                      long long size, int reverse)
 {
-    const long row = 2 * size;
-    for (long i = 0; i < batch; i++) {
+    const long long row = 2 * size;
+    for (long long i = 0; i < batch; i++) {
         const float *prev = x0 ? x0 + i * row : 0;
-        for (long s = 0; s < length; s++) {
-            const long t = reverse ? length - 1 - s : s, at = (i * length + t) * row;
+        for (long long s = 0; s < length; s++) {
+            const long long t = reverse ? length - 1 - s : s, at = (i * length + t) * row;
             const float *restrict bt = b + at;
             float *restrict xt = x + at;
             if (!prev || (keep && !keep[i * length + t])) {
-                for (long n = 0; n < row; n++)
+                for (long long n = 0; n < row; n++)
                     xt[n] = bt[n];
             } else {
-                for (long n = 0; n < row; n += 2) {
+                for (long long n = 0; n < row; n += 2) {
                     xt[n] = bt[n] + (lam[n] * prev[n] - lam[n + 1] * prev[n + 1]);
                     xt[n + 1] = bt[n + 1] + (lam[n] * prev[n + 1] + lam[n + 1] * prev[n]);
                 }
@@ -208,7 +209,7 @@ def _native_scan_library():
     except (OSError, AttributeError) as error:
         return None, f"loading {path}: {error}"
     kernel.restype = None
-    kernel.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    kernel.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_longlong] * 3 + [ctypes.c_int]
     return kernel, None
 
 

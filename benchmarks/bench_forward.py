@@ -14,11 +14,8 @@ Targets (issue 6): 16k fp32 ≥ 1.0× tokens/s and ≤ 0.6× memory; 16k bf16 �
 Usage: python -m benchmarks.bench_forward [--lengths 2048 8192 16384] [--dtypes float32 bfloat16] [--repeats 3]
 """
 
-import argparse
-import json
-
-from benchmarks.common import (forward_flops, matmul_rate, median, print_table, run_case, take_turns, timed,
-                               write_results)
+from benchmarks.common import (case_parser, forward_flops, matmul_rate, median, print_table, run_case, serve_case,
+                               take_turns, timed, write_results)
 
 SHAPE = dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
@@ -80,14 +77,12 @@ def case(spec):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser = case_parser(__doc__)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards of each (median), after a warm-up")
     args = parser.parse_args()
-    if args.case:
-        print(json.dumps(case(json.loads(args.case))))
+    if serve_case(args, case):
         return
     rows = []
     for dtype in args.dtypes:

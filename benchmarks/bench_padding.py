@@ -9,10 +9,7 @@ forward after a warm-up on a short input, and peak RSS above the loaded model.
 Usage: python -m benchmarks.bench_padding [--lengths 2048 8192 16384] [--pad 100]
 """
 
-import argparse
-import json
-
-from benchmarks.common import print_table, run_case, timed, write_results
+from benchmarks.common import case_parser, print_table, run_case, serve_case, timed, write_results
 
 MODULE = "benchmarks.bench_padding"
 MODES = ("unpadded", "padded", "padded_dense")
@@ -48,13 +45,11 @@ def case(spec):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser = case_parser(__doc__)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384])
     parser.add_argument("--pad", type=int, default=100)
     args = parser.parse_args()
-    if args.case:
-        print(json.dumps(case(json.loads(args.case))))
+    if serve_case(args, case):
         return
     rows = []
     for length in args.lengths:

@@ -10,12 +10,10 @@ hits both alike.
 Usage: python -m benchmarks.bench_rerope [--lengths 4096 8192 16384] [--block-elements 4194304 ...]
 """
 
-import argparse
 import itertools
-import json
 import os
 
-from benchmarks.common import print_table, run_case, take_turns, timed, write_results
+from benchmarks.common import case_parser, print_table, run_case, serve_case, take_turns, timed, write_results
 
 SHAPE = dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=2048)
@@ -68,8 +66,7 @@ def case(spec):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser = case_parser(__doc__)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
     parser.add_argument("--schemes", nargs="+", default=["rerope", "leaky-rerope"], choices=list(SCHEMES)[1:])
     parser.add_argument("--block-elements", type=int, nargs="+", default=[0],
@@ -77,8 +74,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    if args.case:
-        print(json.dumps(case(json.loads(args.case))))
+    if serve_case(args, case):
         return
     import longctx.attention
 

@@ -11,11 +11,8 @@ longctx with the preset's `chunked_loss` (the fused loss of longctx.loss).
 Usage: python -m benchmarks.bench_train [--presets tiny small] [--steps 8] [--profile]
 """
 
-import argparse
-import json
-
-from benchmarks.common import (current_rss_bytes, forward_flops, matmul_rate, median, peak_rss_bytes, print_table,
-                               run_case, take_turns, write_results)
+from benchmarks.common import (case_parser, current_rss_bytes, forward_flops, matmul_rate, median, peak_rss_bytes,
+                               print_table, run_case, serve_case, take_turns, write_results)
 
 IMPLS = ("transformers", "longctx")
 
@@ -118,8 +115,7 @@ def case(spec):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser = case_parser(__doc__)
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
     parser.add_argument("--steps", type=int, default=8, help="timed steps of each, after one warm-up (median)")
     parser.add_argument("--autocast", choices=["bfloat16", "float16"], help="autocast dtype")
@@ -128,8 +124,7 @@ def main():
     parser.add_argument("--micro-batch", type=int, help="override the preset's micro_batch_size")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops for each model")
     args = parser.parse_args()
-    if args.case:
-        print(json.dumps(case(json.loads(args.case))))
+    if serve_case(args, case):
         return
     rows = []
     for preset in args.presets:

@@ -1,5 +1,6 @@
 """Shared benchmark plumbing: one measurement per fresh subprocess (clean peak RSS), tables, JSON results."""
 
+import argparse
 import json
 import os
 import platform
@@ -89,6 +90,21 @@ def forward_flops(config, tokens: int, batch: int = 1) -> float:
               + config.num_hidden_layers * 3 * hidden * config.intermediate_size + hidden * config.vocab_size)
     pairs = tokens * (tokens + 1) / 2
     return batch * (2 * params * tokens + attention_layers * 4 * pairs * heads * head_dim)
+
+
+def case_parser(doc: str) -> argparse.ArgumentParser:
+    """The argument parser of a script whose cases `run_case` runs in fresh processes (the hidden `--case JSON`)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    return parser
+
+
+def serve_case(args, case) -> bool:
+    """In a process `run_case` started: run `case(spec)`, print its JSON result as the last line, return True."""
+    if not args.case:
+        return False
+    print(json.dumps(case(json.loads(args.case))))
+    return True
 
 
 def run_case(module: str, case: dict, timeout=900) -> dict:

@@ -23,6 +23,7 @@ import hashlib
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -67,11 +68,24 @@ def lru_scan(lam, b, reset=None, x0=None, chunk_size=SCAN_CHUNK_SIZE, backend=No
     whole in its graph."""
     if backend is not None and backend not in SCAN_BACKENDS:
         raise ValueError(f"backend={backend!r} is not an LRU scan backend; use one of {SCAN_BACKENDS} or None.")
-    if b.shape[1] == 0:
+    if b.dim() != 3 or lam.shape != (b.shape[-1],):
+        raise ValueError(f"lru_scan takes b of shape (batch, length, state) and lam of shape (state,); got b "
+                         f"{tuple(b.shape)} and lam {tuple(lam.shape)}.")
+    batch, length, size = b.shape
+    if length == 0:
         return b.to(torch.complex64)
-    keep = None if reset is None else ~reset
-    x0 = None if x0 is None else x0.to(torch.complex64, copy=True)  # the cache rewrites its state buffer in place
+    keep = None if reset is None else ~_broadcast("reset", reset, (batch, length))
+    if x0 is not None:  # a copy: the cache rewrites its state buffer in place
+        x0 = _broadcast("x0", x0, (batch, size)).to(torch.complex64, copy=True)
     return _scan_op(lam, b.to(torch.complex64), keep, x0, chunk_size, False, backend or "auto")
+
+
+def _broadcast(name, tensor, shape):
+    try:
+        return tensor.expand(shape)
+    except RuntimeError:
+        raise ValueError(f"lru_scan: {name} has shape {tuple(tensor.shape)}; expected {shape} (or one that "
+                         "broadcasts to it).") from None
 
 
 def _coefficient(lam, keep, t):
@@ -167,58 +181,112 @@ def _cpu_identity():
     return f"{platform.machine()} {platform.processor()} {flags}"
 
 
-def _compile_scan_library():
-    """(path of the compiled native scan, None) or (None, why not). Compiled once per source, compiler and CPU into
-    $LONGCTX_CACHE/kernels (default ~/.cache/longctx/kernels), written atomically; ~0.2 s."""
-    if os.environ.get("LONGCTX_NATIVE_SCAN", "1") == "0":
-        return None, "LONGCTX_NATIVE_SCAN=0"
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not compiler or not shutil.which(compiler):
-        return None, f"no C compiler found (CC={os.environ.get('CC', '')!r}, nor cc, gcc or clang on PATH)"
-    key = hashlib.sha256(f"{_SCAN_SOURCE}\0{compiler}\0{_cpu_identity()}".encode()).hexdigest()[:16]
-    errors = []
-    for root in (os.environ.get("LONGCTX_CACHE") or Path.home() / ".cache" / "longctx", tempfile.gettempdir()):
-        directory = Path(root) / "kernels"
-        path = directory / f"lru_scan-{key}.so"
-        if path.exists():
-            return path, None
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=directory) as work:
-                source = Path(work) / "lru_scan.c"
-                source.write_text(_SCAN_SOURCE)
-                for flags in (["-O3", "-march=native"], ["-O3"]):  # not every compiler knows -march=native
-                    built = subprocess.run([compiler, *flags, "-std=c99", "-shared", "-fPIC", str(source), "-o",
-                                            str(Path(work) / "lru_scan.so")], capture_output=True, text=True, check=False)
-                    if built.returncode == 0:
-                        os.replace(Path(work) / "lru_scan.so", path)
-                        return path, None
-                errors.append(f"{compiler} failed: {built.stderr.strip()[-300:]}")
-        except OSError as error:
-            errors.append(f"{directory}: {error}")
-    return None, "; ".join(errors)
+class _NoNativeScan(Exception):
+    """Why the native scan cannot run here (the chunked backend runs instead)."""
+
+
+def _compiler():
+    """The C compiler command: $CC (may carry arguments, e.g. "ccache gcc"), else the first of cc, gcc, clang."""
+    if os.environ.get("CC"):
+        command = shlex.split(os.environ["CC"])
+        if not command or not shutil.which(command[0]):
+            raise _NoNativeScan(f"CC={os.environ['CC']!r} is not an executable C compiler")
+        return command
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
+            return [name]
+    raise _NoNativeScan("no C compiler found (CC is unset and none of cc, gcc, clang is on PATH)")
+
+
+def _run(command, **kwargs):
+    try:
+        return subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=120, check=False,
+                              **kwargs)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise _NoNativeScan(f"{' '.join(command)}: {error}") from error
+
+
+def _private(path):
+    """Whether `path` belongs to this user and no one else can write it (a library found in a shared place could
+    be anybody's code). Always true where there are no POSIX owners."""
+    if not hasattr(os, "getuid"):
+        return True
+    status = path.stat()
+    return status.st_uid == os.getuid() and not status.st_mode & 0o022
+
+
+def _build_scan_library(rebuild=False):
+    """The path of the compiled native scan: $LONGCTX_CACHE/kernels (default ~/.cache/longctx/kernels), one file per
+    source, compiler (its --version) and kind of CPU, written atomically; compiling takes ~0.1 s."""
+    compiler = _compiler()
+    version = _run([*compiler, "--version"]).stdout
+    key = hashlib.sha256(f"{_SCAN_SOURCE}\0{compiler}\0{version}\0{_cpu_identity()}".encode()).hexdigest()[:16]
+    directory = Path(os.environ.get("LONGCTX_CACHE") or Path.home() / ".cache" / "longctx") / "kernels"
+    path = directory / f"lru_scan-{key}.so"
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not _private(directory):
+        raise _NoNativeScan(f"{directory} is writable by other users; not loading code from it")
+    if path.exists() and not rebuild:
+        return path
+    with tempfile.TemporaryDirectory(dir=directory) as work:
+        source, library = Path(work) / "lru_scan.c", Path(work) / "lru_scan.so"
+        source.write_text(_SCAN_SOURCE)
+        for flags in (["-O3", "-march=native"], ["-O3"]):  # not every compiler knows -march=native
+            built = _run([*compiler, *flags, "-std=c99", "-shared", "-fPIC", str(source), "-o", str(library)])
+            if built.returncode == 0:
+                os.replace(library, path)
+                return path
+    raise _NoNativeScan(f"{' '.join(compiler)} failed: {built.stderr.strip()[-300:]}")
+
+
+def _load_scan_library(path):
+    """The kernel from `path` as a ctypes function, once it has reproduced the reference loop on a small case."""
+    if not _private(path):
+        raise _NoNativeScan(f"{path} is writable by other users; not loading it")
+    kernel = ctypes.CDLL(str(path)).longctx_lru_scan
+    kernel.restype = None
+    kernel.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_longlong] * 3 + [ctypes.c_int]
+    g = torch.Generator().manual_seed(0)
+    lam = torch.polar(torch.rand(3, generator=g), torch.rand(3, generator=g)).to(torch.complex64)
+    b = torch.randn(2, 5, 3, dtype=torch.complex64, generator=g)
+    keep, x0 = torch.rand(2, 5, generator=g) > 0.3, torch.randn(2, 3, dtype=torch.complex64, generator=g)
+    for reverse in (False, True):
+        got = _native_scan(lam, b, keep, x0, reverse, kernel=kernel)
+        flip = (lambda t: t.flip(1)) if reverse else (lambda t: t)
+        expected = flip(lru_scan_sequential(lam, flip(b), ~flip(keep), x0))
+        if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+            raise _NoNativeScan(f"{path} computes wrong results")
+    return kernel
 
 
 @functools.cache
 def _native_scan_library():
-    path, reason = _compile_scan_library()
-    if path is None:
-        return None, reason
+    """(kernel, None) or (None, why not): built and loaded once per process; a cached library that fails to load
+    or to reproduce the reference is rebuilt once."""
+    if os.environ.get("LONGCTX_NATIVE_SCAN", "1").lower() in ("0", "false", "off", "no"):
+        return None, f"LONGCTX_NATIVE_SCAN={os.environ['LONGCTX_NATIVE_SCAN']}"
     try:
-        kernel = ctypes.CDLL(str(path)).longctx_lru_scan
-    except (OSError, AttributeError) as error:
-        return None, f"loading {path}: {error}"
-    kernel.restype = None
-    kernel.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_longlong] * 3 + [ctypes.c_int]
-    return kernel, None
+        path = _build_scan_library()
+        try:
+            return _load_scan_library(path), None
+        except (OSError, AttributeError, _NoNativeScan):  # a broken cached library: compile it again, once
+            path = _build_scan_library(rebuild=True)
+            try:
+                return _load_scan_library(path), None
+            except BaseException:
+                path.unlink(missing_ok=True)  # nothing broken stays behind
+                raise
+    except Exception as error:  # whatever goes wrong, the model still runs (on the chunked backend)
+        return None, str(error) if isinstance(error, _NoNativeScan) else f"{type(error).__name__}: {error}"
 
 
 def native_scan_kernel():
-    """The compiled native scan (a ctypes function), or None where it cannot be built: then `lru_scan` runs the
-    chunked backend (logged once). `LONGCTX_NATIVE_SCAN=0` turns it off."""
+    """The compiled native scan (a ctypes function), or None where it cannot run: then `lru_scan` runs the chunked
+    backend, and says why once. `LONGCTX_NATIVE_SCAN=0` turns it off."""
     kernel, reason = _native_scan_library()
     if kernel is None:
-        logger.warning_once(f"The LRU scan runs its chunked torch backend on CPU (slower): {reason}.")
+        log = logger.info_once if reason.startswith("LONGCTX_NATIVE_SCAN") else logger.warning_once
+        log(f"The LRU scan runs its chunked torch backend on CPU (slower): {reason}.")
     return kernel
 
 
@@ -232,19 +300,31 @@ def native_scan_unavailable():
 LARGE_OUTPUT_BYTES = 2**25
 
 
-def _native_scan(lam, b, keep, x0, reverse, out=None):
-    """The scan by the native kernel: complex64 CPU tensors, made contiguous; the kernel releases the GIL. `out`:
-    a contiguous tensor like `b` to write into (benchmarks)."""
-    b = b.contiguous()
-    x = out if out is not None else torch.empty_like(b)
-    if out is None and x.nbytes >= LARGE_OUTPUT_BYTES:
-        x.zero_()
-    lam = lam.contiguous()
-    keep = None if keep is None else keep.to(torch.uint8).contiguous()
-    x0 = None if x0 is None else x0.contiguous()
+def _native_scan(lam, b, keep, x0, reverse, out=None, kernel=None):
+    """The scan by the native kernel on CPU tensors: lam (state,), b (batch, L, state), keep (batch, L), x0
+    (batch, state), made complex64 / uint8 and contiguous here (the kernel reads raw memory). `out`: a contiguous
+    complex64 tensor shaped like `b`, not `b` itself, to write into (benchmarks). The kernel releases the GIL."""
     batch, length, size = b.shape
-    native_scan_kernel()(lam.data_ptr(), b.data_ptr(), None if keep is None else keep.data_ptr(),
-                         None if x0 is None else x0.data_ptr(), x.data_ptr(), batch, length, size, int(reverse))
+    if lam.shape != (size,) or (keep is not None and keep.shape != (batch, length)) or (
+            x0 is not None and x0.shape != (batch, size)):
+        raise ValueError(f"native LRU scan: lam {tuple(lam.shape)}, keep {None if keep is None else tuple(keep.shape)}"
+                         f", x0 {None if x0 is None else tuple(x0.shape)} do not fit b {tuple(b.shape)}")
+    b = b.to(torch.complex64).resolve_conj().contiguous()
+    lam = lam.to(torch.complex64).resolve_conj().contiguous()
+    keep = None if keep is None else keep.to(torch.uint8).contiguous()
+    x0 = None if x0 is None else x0.to(torch.complex64).resolve_conj().contiguous()
+    if out is None:
+        x = torch.empty_like(b)
+        if x.nbytes >= LARGE_OUTPUT_BYTES:
+            x.zero_()
+    elif (out.shape != b.shape or out.dtype != torch.complex64 or not out.is_contiguous()
+          or out.data_ptr() == b.data_ptr()):
+        raise ValueError("`out` must be a contiguous complex64 tensor shaped like b, and not b")
+    else:
+        x = out
+    (kernel or native_scan_kernel())(lam.data_ptr(), b.data_ptr(), None if keep is None else keep.data_ptr(),
+                                     None if x0 is None else x0.data_ptr(), x.data_ptr(), batch, length, size,
+                                     int(reverse))
     return x
 
 

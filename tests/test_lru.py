@@ -2,6 +2,10 @@
 decoding and generate() vs the full forward, document resets, config errors, save -> load without longctx."""
 
 import math
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -119,34 +123,96 @@ def fresh_native_scan(monkeypatch, tmp_path):
     longctx.lru._native_scan_library.cache_clear()
 
 
-@pytest.mark.skipif(native_scan_unavailable() is not None, reason=f"native scan: {native_scan_unavailable()}")
+NEEDS_NATIVE = pytest.mark.skipif(native_scan_unavailable() is not None,
+                                  reason=f"native scan: {native_scan_unavailable()}")
+
+
+@NEEDS_NATIVE
 def test_native_scan_is_compiled_once_into_the_cache_directory(fresh_native_scan, monkeypatch):
     lam, (b, _, _) = ring_eigenvalues(4, 0.5, 0.99), random_inputs(1, 50, 4)
     lru_scan(lam, b, backend="native")
     [library] = (fresh_native_scan / "kernels").iterdir()  # one file, no temporaries left behind
     assert library.name.startswith("lru_scan-") and library.suffix == ".so"
     longctx.lru._native_scan_library.cache_clear()
+    run = longctx.lru._run
 
-    def no_compiling(*args, **kwargs):
-        raise AssertionError("compiled again although the library is in the cache")
+    def no_compiling(command, **kwargs):
+        assert "-shared" not in command, "compiled again although the library is in the cache"
+        return run(command, **kwargs)
 
-    monkeypatch.setattr(longctx.lru.subprocess, "run", no_compiling)
+    monkeypatch.setattr(longctx.lru, "_run", no_compiling)
     assert relative_error(lru_scan(lam, b, backend="native"), float64_reference(lam, b)) <= 1e-5
 
 
-@pytest.mark.parametrize("env,reason", [({"CC": "/nonexistent/cc"}, "no C compiler found"),
-                                        ({"LONGCTX_NATIVE_SCAN": "0"}, "LONGCTX_NATIVE_SCAN=0")])
-def test_without_the_native_scan_the_chunked_one_runs(fresh_native_scan, monkeypatch, env, reason):
-    """No C compiler (or the native scan turned off): the default backend is the chunked scan, same results, and
-    asking for the native one by name says why it cannot run."""
+@NEEDS_NATIVE
+def test_a_broken_cached_library_is_rebuilt(fresh_native_scan):
+    """A library in the cache that does not load (truncated, corrupted) is compiled again: in a new process, as this
+    one has the good one loaded under that name."""
+    lam, (b, _, _) = ring_eigenvalues(4, 0.5, 0.99), random_inputs(1, 40, 4)
+    lru_scan(lam, b, backend="native")
+    [library] = (fresh_native_scan / "kernels").iterdir()
+    library.unlink()  # a new file: overwriting the mapped one in place would crash this process
+    library.write_bytes(b"not a library")
+    check = ("import torch; from longctx.lru import lru_scan, lru_scan_sequential, native_scan_unavailable\n"
+             "assert native_scan_unavailable() is None, native_scan_unavailable()\n"
+             "lam = torch.polar(torch.full((4,), 0.9), torch.rand(4)); b = torch.randn(2, 40, 4, dtype=torch.cfloat)\n"
+             "torch.testing.assert_close(lru_scan(lam, b, backend='native'), lru_scan_sequential(lam, b))")
+    child = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "LONGCTX_CACHE": str(fresh_native_scan)})
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert library.read_bytes() != b"not a library"
+
+
+def fake_compiler(tmp_path, script):
+    path = tmp_path / "fakecc"
+    path.write_text(f"#!/bin/sh\n{script}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX owners and modes")
+@pytest.mark.parametrize("case", ["junk compiler", "shared cache", "no compiler", "turned off"])
+def test_without_the_native_scan_the_chunked_one_runs(fresh_native_scan, monkeypatch, case):
+    """No usable native scan — a compiler that writes junk (never loaded: it must reproduce the loop first), a cache
+    directory others can write, no compiler, or turned off: the default backend is the chunked scan, with the same
+    results, and asking for the native one by name says why it cannot run."""
+    junk = 'for a; do out=$a; done; [ "$1" = --version ] || echo junk > "$out"'
+    env, reason = {
+        "junk compiler": ({"CC": fake_compiler(fresh_native_scan, junk)}, "failed|wrong|invalid ELF|too short"),
+        "shared cache": ({}, "writable by other users"),
+        "no compiler": ({"CC": "/nonexistent/cc"}, "CC='/nonexistent/cc' is not an executable C compiler"),
+        "turned off": ({"LONGCTX_NATIVE_SCAN": "off"}, "LONGCTX_NATIVE_SCAN=off"),
+    }[case]
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    if case == "shared cache":
+        (fresh_native_scan / "kernels").mkdir()
+        (fresh_native_scan / "kernels").chmod(0o777)
     lam, (b, reset, x0) = ring_eigenvalues(4, 0.5, 0.99), random_inputs(2, 300, 4, reset_rate=0.01, with_x0=True)
-    assert reason in native_scan_unavailable()
+    assert re.search(reason, native_scan_unavailable()), native_scan_unavailable()
     assert relative_error(lru_scan(lam, b, reset, x0), float64_reference(lam, b, reset, x0)) <= 1e-5
-    with pytest.raises(ValueError, match=f"backend='native' needs .*{reason}.*backend='chunked'"):
+    with pytest.raises(ValueError, match="backend='native' needs .* C compiler .*backend='chunked'"):
         lru_scan(lam, b, backend="native")
-    assert not (fresh_native_scan / "kernels").exists() or not any((fresh_native_scan / "kernels").iterdir())
+    assert not any((fresh_native_scan / "kernels").glob("*.so"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scan_broadcasts_reset_and_x0_and_refuses_other_shapes(backend):
+    lam = ring_eigenvalues(4, 0.5, 0.99)
+    b, _, _ = random_inputs(3, 30, 4)
+    reset = torch.zeros(1, 30, dtype=torch.bool)
+    reset[0, 11] = True
+    x0 = random_inputs(1, 1, 4, seed=5, with_x0=True)[2]  # (1, state): every row starts from it
+    expected = float64_reference(lam, b, reset.expand(3, 30), x0.expand(3, 4))
+    assert relative_error(lru_scan(lam, b, reset, x0, backend=backend), expected) <= 1e-5
+    with pytest.raises(ValueError, match=r"lam of shape \(state,\); got b \(3, 30, 4\) and lam \(3,\)"):
+        lru_scan(lam[:3], b, backend=backend)
+    with pytest.raises(ValueError, match=r"lam of shape \(state,\)"):
+        lru_scan(lam.expand(3, 4), b, backend=backend)  # one λ per state, shared by the batch
+    with pytest.raises(ValueError, match=r"x0 has shape \(2, 4\); expected \(3, 4\)"):
+        lru_scan(lam, b, x0=x0.expand(2, 4), backend=backend)
+    with pytest.raises(ValueError, match=r"reset has shape \(3, 29\); expected \(3, 30\)"):
+        lru_scan(lam, b, torch.zeros(3, 29, dtype=torch.bool), backend=backend)
 
 
 def test_unknown_scan_backend_is_a_clear_error():

@@ -14,7 +14,8 @@ from torch import nn
 
 from .cache import update_keys_after_rope, update_keys_before_rope
 from .configuration_longctx import original_max_positions
-from .rope import KEYS_BEFORE_ROPE, apply_rotary, compute_inv_freq, dynamic_inv_freq, rotary_cos_sin, rotate_half
+from .rope import (KEYS_BEFORE_ROPE, apply_rotary, compute_inv_freq, dynamic_inv_freq, rope_scheme, rotary_cos_sin,
+                   rotate_half)
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -480,7 +481,8 @@ class LongCtxAttention(nn.Module):
             cos, sin = position_embeddings
             query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)  # (batch, heads, q_len, head_dim)
             if cache is not None:
-                key, value = update_keys_after_rope(cache, self.layer_idx, key, value, mask.kv_len)
+                scheme = rotary.scheme() if rotary is not None else rope_scheme(self.config)
+                key, value = update_keys_after_rope(cache, self.layer_idx, key, value, mask.kv_len, scheme)
             if output_attentions:
                 weights = eager_weights(query, key, mask, self.scaling, dropout)
                 out = eager_attention(query, key, value, mask, self.scaling, weights=weights)

@@ -74,16 +74,31 @@ def update_keys_before_rope(cache, layer_idx, key, value, positions):
     return keys, values, layer.positions
 
 
-def update_keys_after_rope(cache, layer_idx, key, value, kv_len):
+def update_keys_after_rope(cache, layer_idx, key, value, kv_len, scheme=None):
     """The usual post-RoPE cache update: every cached key and value, the first `kv_len` (a StaticCache returns its
-    whole pre-allocated buffer, whose first slots are the filled ones). Refuses a cache holding keys before RoPE
-    (filled under another rope_type)."""
-    if layer_idx < len(cache.layers) and isinstance(cache.layers[layer_idx], PreRopeLayer):
+    whole pre-allocated buffer, whose first slots are the filled ones). `scheme` (`rope.rope_scheme`): the position
+    scheme the keys were rotated by, kept on the cache layer; keys of another scheme (`set_rope` since) are refused,
+    as are keys before RoPE (filled under another rope_type)."""
+    layer = cache.layers[layer_idx] if layer_idx < len(cache.layers) else None
+    if isinstance(layer, PreRopeLayer):
         raise ValueError(
             f"Layer {layer_idx} of the given cache holds keys before RoPE (filled under rope_type dynamic/rerope/"
             "leaky-rerope); this rope_type caches keys after RoPE. Start a new cache after `set_rope`.")
+    held = getattr(layer, "longctx_scheme", None)
+    if (scheme is not None and held is not None and held != scheme and not torch.compiler.is_compiling()
+            and _holds_keys(layer)):
+        raise ValueError(
+            f"Layer {layer_idx} of the given cache holds keys rotated under rope_parameters {held}, but the model now "
+            f"uses {scheme} (`set_rope` switched it): those keys would be wrong. Start a new cache (or "
+            "`cache.reset()`).")
     keys, values = cache.update(key, value, layer_idx)
+    if scheme is not None and not torch.compiler.is_compiling():
+        cache.layers[layer_idx].longctx_scheme = scheme
     return keys[:, :, :kv_len], values[:, :, :kv_len]
+
+
+def _holds_keys(layer):
+    return bool(getattr(layer, "is_initialized", True)) and int(layer.get_seq_length()) > 0
 
 
 __all__ = ["PreRopeLayer", "update_keys_after_rope", "update_keys_before_rope"]

@@ -5,6 +5,7 @@ Formulas: `reference/methods.md` §1–10. `attention_scaling` multiplies cos an
 """
 
 import copy
+import json
 import math
 
 import torch
@@ -146,6 +147,12 @@ def compute_inv_freq(config, seq_len=None):
 KEYS_BEFORE_ROPE = ("dynamic", "rerope", "leaky-rerope")
 
 
+def rope_scheme(config) -> str:
+    """The position scheme as a string (its `rope_parameters`): what keys cached after RoPE were rotated by. A cache
+    layer keeps the scheme of its keys and refuses keys of another (after `set_rope`)."""
+    return json.dumps(config.rope_parameters, sort_keys=True, default=str)
+
+
 class LongCtxRotaryEmbedding(nn.Module):
     """cos/sin of the base table for given positions. The table is recomputed from the config, never stored in a buffer.
 
@@ -158,9 +165,17 @@ class LongCtxRotaryEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self._cache: dict = {}
+        self._scheme: str | None = None
 
     def reset(self):
         self._cache.clear()
+        self._scheme = None
+
+    def scheme(self) -> str:
+        """`rope_scheme(config)`, kept until `reset()`."""
+        if self._scheme is None:
+            self._scheme = rope_scheme(self.config)
+        return self._scheme
 
     def inv_freq(self, device):
         """(inv_freq, attention_scaling) of `config.rope_parameters` on `device`."""

@@ -277,6 +277,24 @@ def test_cache_filled_under_another_rope_type_is_refused():
             model(ids[:, :1], cache=cache, use_cache=True)
 
 
+def test_cache_filled_under_another_scheme_after_rope_is_refused_and_the_same_one_is_kept():
+    """default -> linear: both cache keys after RoPE, so only the scheme stamped on the cache tells the old keys
+    apart. Back to the scheme the keys were rotated by, or after `cache.reset()`, the cache serves again."""
+    model = tiny_model()
+    ids = torch.randint(0, 128, (1, 10))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = output_cache(model(ids[:, :9], use_cache=True))
+        set_rope(model, {"rope_type": "linear", "factor": 2.0})
+        with pytest.raises(ValueError, match=r"rotated under rope_parameters .*\"default\".* now uses .*\"linear\""):
+            model(ids[:, 9:], cache=cache, use_cache=True)
+        set_rope(model, {"rope_type": "default"})  # the keys' own scheme again: exactly the uncached logits
+        torch.testing.assert_close(model(ids[:, 9:], cache=cache, use_cache=True).logits[:, -1], full[:, -1])
+        set_rope(model, {"rope_type": "yarn", "factor": 2.0})
+        cache.reset()
+        model(ids, cache=cache, use_cache=True)  # an emptied cache takes the new scheme
+
+
 # --- validation: every rope_parameters key ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rope_parameters,field", [

@@ -98,7 +98,7 @@ def prepare(args, command: str) -> Session:
         unknown = [v for v in args.variants if v not in VARIANTS]
         if unknown:
             raise ValueError(f"unknown variant {unknown[0]!r}; allowed: {', '.join(VARIANTS)}.")
-    loaded = load_model(args.model, getattr(torch, dtype), device)
+    loaded = load_model(args.model, getattr(torch, dtype), device, progress=not args.no_progress)
     train_len = _train_len(loaded.model.config)
     lengths = parse_lengths(args.lengths, train_len)
     settings = make_settings(loaded.model.config, max(lengths), args.factor, args.rerope_window, args.leaky_factor,

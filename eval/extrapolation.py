@@ -76,6 +76,9 @@ def run_sweep(model, tokenizer, documents, variants, lengths, settings, *, sets=
     the row; variants that compute bit-identical numbers at a length (`effective_scheme`: `+logn` within
     L_train) share one row.
     """
+    if sliding is not None and (isinstance(sliding, bool) or not isinstance(sliding, int) or sliding < 1):
+        raise ValueError(f"--sliding stride {sliding!r} is invalid; it must be a whole number of tokens >= 1 "
+                         "(or leave --sliding out).")
     log = log or (lambda message: tqdm.write(message, file=sys.stderr))
     cache = cache if cache is not None else report.MemoryCache()
     bos = leading_bos(tokenizer)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "spiece.model", "vocab.json")
+from longctx.data import TOKENIZER_FILES
+
 DEFAULT_PRESET = "tiny"
 DEFAULT_CORPUS = "shakespeare"
 TRAIN_CONFIG = "train_config.yaml"  # the training config kept beside the cached default model
@@ -35,7 +36,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("LONGCTX_CACHE") or Path.home() / ".cache" / "longctx")
 
 
-def default_model_dir(log=print) -> Path:
+def default_model_dir(log=print, progress=True) -> Path:
     """The embedded default model: trained with the `tiny` preset on the default corpus the first time, then
     cached. Training holds a lock (a second process waits, then finds the model), works in a staging folder that
     a killed run leaves behind and the next one removes, and moves the finished model into place with one
@@ -58,6 +59,7 @@ def default_model_dir(log=print) -> Path:
         with tempfile.TemporaryDirectory(dir=root, prefix=".default-training-") as work:
             config = load_preset(DEFAULT_PRESET)
             config["out_dir"] = str(Path(work) / "run")
+            config["progress"] = progress
             staged = Path(work) / "model"
             shutil.copytree(run_training(config), staged)
             _copy_training_config(config, staged)
@@ -142,10 +144,10 @@ def load_gguf(path, dtype=torch.float32, device="cpu"):
     return from_llama(path).to(dtype).to(device).eval(), tokenizer
 
 
-def load_model(spec: str, dtype=torch.float32, device="cpu", log=print) -> LoadedModel:
+def load_model(spec: str, dtype=torch.float32, device="cpu", log=print, progress=True) -> LoadedModel:
     """Resolve `--model`: `default`, a directory, or a `.gguf` file."""
     if spec == "default":
-        directory = default_model_dir(log)
+        directory = default_model_dir(log, progress)
         model, tokenizer = load_directory(directory, dtype, device)
         return LoadedModel(model, tokenizer, "default", fingerprint(_model_files(directory)),
                            training_corpus(directory))
@@ -156,7 +158,9 @@ def load_model(spec: str, dtype=torch.float32, device="cpu", log=print) -> Loade
     if not path.exists():
         raise FileNotFoundError(f"--model {spec!r}: no such directory or .gguf file (or use 'default').")
     model, tokenizer = load_directory(path, dtype, device)
-    return LoadedModel(model, tokenizer, path.resolve().name, fingerprint(_model_files(path)), training_corpus(path))
+    resolved = path.resolve()  # a training run's output, runs/NAME/model, is filed under NAME
+    name = resolved.parent.name if resolved.name == "model" and resolved.parent.name else resolved.name
+    return LoadedModel(model, tokenizer, name, fingerprint(_model_files(path)), training_corpus(path))
 
 
 def _model_files(directory: Path):

@@ -112,6 +112,9 @@ class LongCtxConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.block_types is None:
             self.block_types = ["attention"] * self.num_hidden_layers
+        if isinstance(self.block_types, str):  # list("lru") would read as ['l', 'r', 'u']
+            _fail("block_types", self.block_types,
+                  "expected a list with one entry per layer, e.g. ['lru', 'attention']")
         self.block_types = list(self.block_types)
         if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
             _fail("rope_parameters", self.rope_parameters,
@@ -129,6 +132,13 @@ class LongCtxConfig(PreTrainedConfig):
         self.layer_types = [BLOCK_TYPES[t] for t in self.block_types]
 
     # --- validation: the one place every field is checked -------------------------------------------------------
+    def validate(self):
+        """transformers' class validators (run by `save_pretrained`), each looked up on this class — so ours replace
+        its rope and layer_types ones, which would warn on every rope_type it does not know — then ours."""
+        for validator in PreTrainedConfig.__class_validators__:
+            getattr(self, validator.__name__)()
+        self.validate_longctx()
+
     def validate_rope(self):
         """Replaces transformers' rope validation (which only warns on unknown types) with `validate_longctx`."""
 

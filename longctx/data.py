@@ -206,6 +206,9 @@ def train_tokenizer(documents: list[str], vocab_size: int, save_dir, seed: int =
     return load_tokenizer(save_dir)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "spiece.model", "vocab.json")
+
+
 def load_tokenizer(path):
     """The tokenizer of a model directory (`AutoTokenizer.from_pretrained(path)`) or of a GGUF file."""
     from transformers import AutoTokenizer
@@ -215,6 +218,9 @@ def load_tokenizer(path):
         return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no model directory or .gguf file at {path!r} to load a tokenizer from")
+    if not any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"model directory {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                                "save it beside the weights with `tokenizer.save_pretrained(directory)`")
     return AutoTokenizer.from_pretrained(path)
 
 

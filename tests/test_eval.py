@@ -214,6 +214,9 @@ def test_unknown_variant_and_bad_lengths_are_clear_errors():
         parse_lengths(["4k"], 32)
     with pytest.raises(ValueError, match="--rerope-window=32 is invalid"):
         make_settings(tiny_model().config, 64, rerope_window=32)
+    for stride in (0, -3):  # not silently "no sliding rows"
+        with pytest.raises(ValueError, match=f"--sliding stride {stride} is invalid; it must be a whole number"):
+            extrapolation.run_sweep(tiny_model(), None, [], ["baseline"], [32], settings, sliding=stride)
 
 
 # --- sweeps: resume, skipping, bad input ---------------------------------------------------------------------------
@@ -287,6 +290,10 @@ def test_a_length_the_text_is_too_short_for_is_skipped_with_a_message(loaded):
     assert {r["length"] for r in sweep.rows} == {16}
     assert len(sweep.skipped) == 2 and all(s["length"] == 4096 for s in sweep.skipped)
     assert any("skipped length 4096 (plain, chunked)" in m and "fewer than the 4096" in m for m in messages)
+
+
+def test_a_training_runs_model_is_filed_under_the_run_name(standin, loaded):
+    assert standin["dir"].name == "model" and loaded.name == standin["dir"].parent.name  # runs/NAME/model -> NAME
 
 
 def test_model_dir_without_tokenizer_and_unknown_variant_give_clear_cli_errors(standin, tmp_path, capsys):

@@ -418,6 +418,7 @@ def test_cache_without_recurrent_slot_is_a_clear_error():
     ("lru_max_phase", 0.0, "`lru_max_phase`=0.0 .*> 0"),
     ("block_types", ["lru"], "`block_types`=\\['lru'\\] .*one entry per layer \\(num_hidden_layers=2\\)"),
     ("block_types", ["lru", "mamba"], "`block_types`=.*'mamba'.*one of attention, lru"),
+    ("block_types", "lru", "`block_types`='lru' .*expected a list with one entry per layer"),
 ])
 def test_invalid_lru_config_values_are_named(field, value, match):
     with pytest.raises(ValueError, match=match):

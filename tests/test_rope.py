@@ -295,6 +295,21 @@ def test_cache_filled_under_another_scheme_after_rope_is_refused_and_the_same_on
         model(ids, cache=cache, use_cache=True)  # an emptied cache takes the new scheme
 
 
+def test_saving_a_longctx_rope_type_validates_without_transformers_warning(tmp_path, monkeypatch):
+    """save_pretrained runs the config's validators: longctx's, not transformers' rope check (which warns
+    "Missing validation function" for every rope_type it does not know)."""
+    import transformers.modeling_rope_utils as hf_rope
+
+    warnings = []
+    monkeypatch.setattr(hf_rope.logger, "warning", lambda message, *args, **kwargs: warnings.append(message))
+    model = tiny_model(rope_parameters={"rope_type": "ntk-mixed", "factor": 2.0})
+    model.save_pretrained(tmp_path / "saved")
+    assert warnings == []
+    model.config.block_types = ["lru"]  # made invalid after construction: saving refuses it
+    with pytest.raises(ValueError, match="`block_types`=\\['lru'\\] is invalid"):
+        model.save_pretrained(tmp_path / "invalid")
+
+
 # --- validation: every rope_parameters key ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rope_parameters,field", [

@@ -1,10 +1,12 @@
 """Training pipeline (issue 4): the loop, exact resume after SIGKILL, 2 processes = 1, bad input, non-finite loss,
 length extension with init_from, LoRA, presets."""
 
+import importlib.util
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -193,6 +195,33 @@ def test_bad_input_stops_before_training_with_a_clear_message(tmp_path, corpus, 
     assert not (tmp_path / "out").exists()  # nothing was created, nothing trained
 
 
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available(),
+                    reason="flash-attn can run here")
+def test_flash_attention_where_it_cannot_run_stops_before_anything_is_written(tmp_path, corpus, capsys):
+    path = write_config(tmp_path / "micro.yaml", micro(tmp_path / "out", corpus))
+    assert train_main(["--config", path, "--attn_implementation", "flash_attention_2"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"`attn_implementation`='flash_attention_2' is invalid; .*(flash-attn package|only on CUDA)", err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_init_from_errors_stop_before_out_dir_is_written(trained, corpus, tmp_path, capsys):
+    """A source without a tokenizer, or a position scheme it cannot take: the error comes before the run directory
+    exists, so the corrected command runs without --overwrite."""
+    _, source = trained
+    bare = tmp_path / "bare"
+    shutil.copytree(source, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    cases = [(["--init_from", str(bare)], f"model directory {bare} has no tokenizer"),
+             (["--init_from", str(source), "--model.rope_parameters", "{rope_type: rerope, rerope_window: 64}"],
+              "rerope_window")]
+    path = write_config(tmp_path / "micro.yaml", micro(tmp_path / "out", corpus))
+    for args, message in cases:
+        assert train_main(["--config", path, *args]) == 2
+        err = capsys.readouterr().err
+        assert f"python -m train: error: config `{args[-2].lstrip('-')}" in err and message in err, err
+        assert not (tmp_path / "out").exists()
+
+
 def test_existing_run_needs_resume_or_overwrite(tmp_path, corpus, capsys):
     config = micro(tmp_path / "run", corpus, max_steps=4)
     train.run_training(config)
@@ -275,6 +304,8 @@ def test_length_extension_from_a_trained_model(trained, corpus, tmp_path):
                    micro_batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1,
                    model={"rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
     model_dir = train.run_training(config)
+    recorded = yaml.safe_load((tmp_path / "ext" / "config.yaml").read_text())["model"]
+    assert recorded == {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}  # the architecture is the source's
     saved = json.loads((model_dir / "config.json").read_text())
     assert saved["rope_parameters"] == {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                                         "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0}

@@ -251,6 +251,12 @@ def resolve_config(config: dict) -> dict:
         _fail("mixed_precision", config["mixed_precision"], f"allowed: {', '.join(MIXED_PRECISION)}")
     if config["attn_implementation"] not in ATTN_IMPLEMENTATIONS:
         _fail("attn_implementation", config["attn_implementation"], f"allowed: {', '.join(ATTN_IMPLEMENTATIONS)}")
+    from longctx.attention import check_attn_implementation
+
+    try:  # flash-attn installed, and a GPU for it: known now, before anything is written
+        check_attn_implementation(config["attn_implementation"])
+    except (ImportError, ValueError) as err:
+        _fail("attn_implementation", config["attn_implementation"], str(err).rstrip("."))
     for key in ("gradient_checkpointing", "chunked_loss", "resume", "overwrite", "progress"):
         if not isinstance(config[key], bool):
             _fail(key, config[key], "expected true or false")

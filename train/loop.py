@@ -262,11 +262,18 @@ def run_training(config: dict) -> Path:
         raise ConfigError(f"config `batch_size`={config['batch_size']} is invalid; must be divisible by "
                           f"micro_batch_size={config['micro_batch_size']} x {world} processes")
     out_dir = Path(config["out_dir"])
+    model = None
+    if config["init_from"] is not None:  # the source's tokenizer and model first: their errors leave out_dir alone
+        tokenizer = get_tokenizer(config, splits["train"], out_dir)
+        model = build_model(config, tokenizer)
+        # what the run records: the fields that changed the source, whose architecture the saved model holds
+        config["model"] = {k: v for k, v in config["model"].items() if k in EXTENSION_MODEL_FIELDS}
     resume_from = prepare_out_dir(config, accelerator)
 
-    # data: whole-document split (above), tokenizer from the train split, fixed-length windows
-    with accelerator.main_process_first():
-        tokenizer = get_tokenizer(config, splits["train"], out_dir)
+    # data: whole-document split (above), tokenizer from the train split (or the source's), fixed-length windows
+    if model is None:
+        with accelerator.main_process_first():
+            tokenizer = get_tokenizer(config, splits["train"], out_dir)
     seq_len = config["seq_len"]
     train_windows = pack_windows(tokenizer, splits["train"], seq_len)
     val_windows = pack_windows(tokenizer, splits["validation"], seq_len)
@@ -282,7 +289,8 @@ def run_training(config: dict) -> Path:
     data_id = fingerprint(train_windows)
 
     # model, optimizer, schedule (the model is prepared first, as FSDP needs)
-    model = build_model(config, tokenizer)
+    if model is None:
+        model = build_model(config, tokenizer)
     if config["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
     if config["lora"] is not None:

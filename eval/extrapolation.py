@@ -265,8 +265,8 @@ def parse_args(argv=None):
                         help="also score the plain set with sliding windows of stride S (last S tokens scored)")
     parser.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward batch (default 8192)")
     args = parser.parse_args(argv)
-    for name in ("max_tokens", "batch_tokens"):
-        if getattr(args, name) < 1:
+    for name in ("max_tokens", "batch_tokens", "sliding"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     return args
 

@@ -481,7 +481,8 @@ class LongCtxAttention(nn.Module):
             cos, sin = position_embeddings
             query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)  # (batch, heads, q_len, head_dim)
             if cache is not None:
-                scheme = rotary.scheme() if rotary is not None else rope_scheme(self.config)
+                scheme = None if torch.compiler.is_compiling() else (  # (json: not traceable)
+                    rotary.scheme() if rotary is not None else rope_scheme(self.config))
                 key, value = update_keys_after_rope(cache, self.layer_idx, key, value, mask.kv_len, scheme)
             if output_attentions:
                 weights = eager_weights(query, key, mask, self.scaling, dropout)

@@ -78,8 +78,10 @@ def update_keys_after_rope(cache, layer_idx, key, value, kv_len, scheme=None):
     """The usual post-RoPE cache update: every cached key and value, the first `kv_len` (a StaticCache returns its
     whole pre-allocated buffer, whose first slots are the filled ones). `scheme` (`rope.rope_scheme`): the position
     scheme the keys were rotated by, kept on the cache layer; keys of another scheme (`set_rope` since) are refused,
-    as are keys before RoPE (filled under another rope_type)."""
+    as are keys before RoPE (filled under another rope_type). A compiled forward passes None: not checked."""
     layer = cache.layers[layer_idx] if layer_idx < len(cache.layers) else None
+    if isinstance(layer, PreRopeLayer) and not _holds_keys(layer):  # emptied (`cache.reset()`): a plain layer again
+        layer = cache.layers[layer_idx] = DynamicLayer()
     if isinstance(layer, PreRopeLayer):
         raise ValueError(
             f"Layer {layer_idx} of the given cache holds keys before RoPE (filled under rope_type dynamic/rerope/"
@@ -92,8 +94,8 @@ def update_keys_after_rope(cache, layer_idx, key, value, kv_len, scheme=None):
             f"uses {scheme} (`set_rope` switched it): those keys would be wrong. Start a new cache (or "
             "`cache.reset()`).")
     keys, values = cache.update(key, value, layer_idx)
-    if scheme is not None and not torch.compiler.is_compiling():
-        cache.layers[layer_idx].longctx_scheme = scheme
+    # compiled forwards pass no scheme: their keys are unchecked and leave the layer unstamped (no stale stamp)
+    cache.layers[layer_idx].longctx_scheme = scheme
     return keys[:, :, :kv_len], values[:, :, :kv_len]
 
 

@@ -150,7 +150,9 @@ KEYS_BEFORE_ROPE = ("dynamic", "rerope", "leaky-rerope")
 def rope_scheme(config) -> str:
     """The position scheme as a string (its `rope_parameters`): what keys cached after RoPE were rotated by. A cache
     layer keeps the scheme of its keys and refuses keys of another (after `set_rope`)."""
-    return json.dumps(config.rope_parameters, sort_keys=True, default=str)
+    numbers = {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+               for k, v in config.rope_parameters.items()}  # 10000 and 10000.0 are one scheme
+    return json.dumps(numbers, sort_keys=True, default=str)
 
 
 class LongCtxRotaryEmbedding(nn.Module):

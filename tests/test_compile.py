@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_model
 
 import longctx  # noqa: F401 - registers the custom operators torch.ops.longctx.*
+from longctx.rope import set_rope
 
 VARIANTS = {
     "default": {},
@@ -153,11 +154,18 @@ def test_dynamic_ntk_compiles_with_graph_breaks_and_equals_eager():
 
 
 def test_generate_with_compiled_forward_equals_eager():
+    """Compiled from the first call (nothing eager before it fills a lazily built value), and again after
+    `set_rope`: fullgraph holds."""
     model = tiny_model(block_types=["lru", "attention"], lru_state_size=32)
     ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(4))
-    expected = model.generate(ids, max_new_tokens=12, do_sample=False)
+    reference = tiny_model(block_types=["lru", "attention"], lru_state_size=32)  # same seed, same weights
+    expected = reference.generate(ids, max_new_tokens=12, do_sample=False)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model.forward = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
     assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), expected)
+    yarn = {"rope_type": "yarn", "factor": 2.0}
+    set_rope(model, yarn)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False),
+                       set_rope(reference, yarn).generate(ids, max_new_tokens=6, do_sample=False))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the prefill and the one-token steps

@@ -288,11 +288,16 @@ def test_cache_filled_under_another_scheme_after_rope_is_refused_and_the_same_on
         set_rope(model, {"rope_type": "linear", "factor": 2.0})
         with pytest.raises(ValueError, match=r"rotated under rope_parameters .*\"default\".* now uses .*\"linear\""):
             model(ids[:, 9:], cache=cache, use_cache=True)
-        set_rope(model, {"rope_type": "default"})  # the keys' own scheme again: exactly the uncached logits
-        torch.testing.assert_close(model(ids[:, 9:], cache=cache, use_cache=True).logits[:, -1], full[:, -1])
+        set_rope(model, {"rope_type": "default", "rope_theta": 10000})  # the keys' own scheme again (an int θ is
+        torch.testing.assert_close(model(ids[:, 9:], cache=cache, use_cache=True).logits[:, -1], full[:, -1])  # it)
         set_rope(model, {"rope_type": "yarn", "factor": 2.0})
         cache.reset()
         model(ids, cache=cache, use_cache=True)  # an emptied cache takes the new scheme
+        set_rope(model, {"rope_type": "rerope", "rerope_window": 8})
+        cache = output_cache(model(ids, use_cache=True))  # keys before RoPE
+        cache.reset()
+        set_rope(model, {"rope_type": "default"})
+        model(ids, cache=cache, use_cache=True)  # emptied, it takes keys after RoPE again
 
 
 def test_saving_a_longctx_rope_type_validates_without_transformers_warning(tmp_path, monkeypatch):

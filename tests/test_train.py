@@ -304,8 +304,14 @@ def test_length_extension_from_a_trained_model(trained, corpus, tmp_path):
                    micro_batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1,
                    model={"rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
     model_dir = train.run_training(config)
-    recorded = yaml.safe_load((tmp_path / "ext" / "config.yaml").read_text())["model"]
-    assert recorded == {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}  # the architecture is the source's
+    saved_config = tmp_path / "ext" / "config.yaml"
+    recorded = yaml.safe_load(saved_config.read_text())
+    assert recorded["model"] == {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}  # the source's architecture
+    saved_config.write_text(yaml.safe_dump({**recorded, "model": config["model"]}))  # as runs before this recorded
+    train.run_training({**config, "resume": True})  # ... which still resume (finished: nothing to do)
+    with pytest.raises(train.ConfigError, match="`model` for init_from: .*`attention_dropout`=1.5 is invalid"):
+        train.run_training({**config, "out_dir": str(tmp_path / "bad"), "model": {"attention_dropout": 1.5}})
+    assert not (tmp_path / "bad").exists()
     saved = json.loads((model_dir / "config.json").read_text())
     assert saved["rope_parameters"] == {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                                         "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0}

@@ -50,6 +50,8 @@ def prepare_out_dir(config, accelerator):
     if config["resume"] and saved_config.is_file():
         with open(saved_config, encoding="utf-8") as f:
             previous = yaml.safe_load(f)
+        if previous.get("init_from") is not None and isinstance(previous.get("model"), dict):  # runs recorded
+            previous["model"] = {k: v for k, v in previous["model"].items() if k in EXTENSION_MODEL_FIELDS}  # whole
         changed = sorted(k for k in set(previous) | set(config)
                          if k not in RESUMABLE_CHANGES and previous.get(k) != config.get(k))
         if changed:
@@ -156,6 +158,10 @@ def build_model(config, tokenizer):
         raise ConfigError(f"config `model.rope_parameters` for init_from: {err}") from err
     model.config.max_position_embeddings = max(config["seq_len"], model.config.max_position_embeddings)
     model.config.attention_dropout = new.get("attention_dropout", model.config.attention_dropout)
+    try:
+        model.config.validate_longctx()
+    except ValueError as err:
+        raise ConfigError(f"config `model` for init_from: {err}") from err
     model.set_attn_implementation(config["attn_implementation"])
     return model
 

@@ -206,6 +206,22 @@ def eager_attention(query, key, value, mask: AttentionMask, scaling, dropout=0.0
 
 
 PER_ROW_QUERIES = 256  # padded prefills from this length run row by row (BENCHMARKS.md, "Padded batches")
+MASK_BLOCK_ELEMENTS = 2**22  # mask entries (rows × keys) per SDPA call of a masked prefill (BENCHMARKS.md)
+
+
+def masked_row_blocks(query, key, value, mask: AttentionMask, scaling, dropout, rows):
+    """A prefill that needs a mask — chunked against a cache (queries are the last q_len of kv_len positions), or
+    padding with holes — as one SDPA call per block of query rows: each block's (rows × reachable keys) mask, not
+    the whole (q_len × kv_len) one, and no keys after its last row. Each block is the same problem one size down:
+    its rows are the last of the keys it sees."""
+    past = mask.kv_len - mask.q_len
+    out = query.new_empty(query.shape[0], mask.q_len, query.shape[1], value.shape[-1])
+    for start, end in row_spans(mask.q_len, rows):
+        padding = None if mask.padding_mask is None else mask.padding_mask[:, : past + end]
+        out[:, start:end] = sdpa_attention(query[:, :, start:end], key[:, :, : past + end],
+                                           value[:, :, : past + end], AttentionMask(end - start, past + end, padding),
+                                           scaling, dropout)
+    return out
 
 
 def sdpa_attention(query, key, value, mask: AttentionMask, scaling, dropout=0.0):
@@ -227,6 +243,9 @@ def sdpa_attention(query, key, value, mask: AttentionMask, scaling, dropout=0.0)
         return out  # padding queries: zeros (their outputs are never used)
     attn_mask, is_causal = None, False
     if not mask.is_plain_causal or 1 < mask.q_len < mask.kv_len:
+        rows = max(64, MASK_BLOCK_ELEMENTS // mask.kv_len)
+        if rows < mask.q_len and not torch.compiler.is_compiling():
+            return masked_row_blocks(query, key, value, mask, scaling, dropout, rows)
         attn_mask = mask.dense(query.device)
     elif mask.q_len > 1:
         is_causal = True  # q_len == kv_len: top-left and bottom-right causal alignments agree

@@ -211,6 +211,43 @@ def test_padded_prefill_runs_row_by_row_without_a_dense_mask(monkeypatch, side):
         torch.testing.assert_close(grad, dense_grads[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_masked_prefills_run_in_row_blocks_without_the_whole_mask(monkeypatch):
+    """A chunked prefill against a cache (left-padded batch) and a padded batch with holes: SDPA a block of rows at
+    a time, no mask larger than the block budget, the same logits (and gradients) as one call with the whole mask."""
+    import longctx.attention as attention
+
+    model = tiny_model().train()
+    ids, mask = left_padded([300, 240], 300)
+    holes = mask.clone()
+    holes[0, 120:140] = 0  # not one run: no per-row split either
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logits = model(ids, attention_mask=holes, use_cache=False).logits
+        (logits * holes[..., None]).square().mean().backward()
+        with torch.no_grad():
+            cache = output_cache(model(ids[:, :100], attention_mask=mask[:, :100], use_cache=True))
+            chunked = model(ids[:, 100:], attention_mask=mask, cache=cache, use_cache=True).logits
+        return logits, chunked, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    monkeypatch.setattr(attention, "MASK_BLOCK_ELEMENTS", 10**12)  # one call, the whole mask
+    whole = run()
+    built, budget = [], 64 * 300
+    build = AttentionMask._build
+    monkeypatch.setattr(AttentionMask, "_build", lambda self, start, end, device: built.append(
+        (end - start) * (self.kv_len - self.q_len + end)) or build(self, start, end, device))
+    monkeypatch.setattr(attention, "MASK_BLOCK_ELEMENTS", budget)  # blocks of 64 rows
+    blocked = run()
+    assert built and max(built) <= budget
+    torch.testing.assert_close(blocked[0] * holes[..., None], whole[0] * holes[..., None], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(blocked[1], whole[1], atol=1e-5, rtol=1e-5)  # the chunk: real tokens only
+    for name, grad in blocked[2].items():
+        torch.testing.assert_close(grad, whole[2][name], atol=1e-6, rtol=1e-4, msg=name)
+    with torch.no_grad():  # and the chunked prefill is the full forward's
+        full = model.eval()(ids, attention_mask=mask, use_cache=False).logits[:, 100:]
+    torch.testing.assert_close(blocked[1] * mask[:, 100:, None], full * mask[:, 100:, None], atol=1e-5, rtol=1e-5)
+
+
 def test_padding_runs_are_found_and_holes_keep_the_dense_mask():
     mask = torch.ones(2, 300, dtype=torch.bool)
     mask[1, 100:110] = False  # not one run: no per-row split

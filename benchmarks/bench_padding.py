@@ -10,6 +10,7 @@ case in a fresh process: seconds of one forward (or chunked prefill) after a war
 RSS above the loaded model.
 
 Usage: python -m benchmarks.bench_padding [--lengths 2048 8192 16384] [--pad 100] [--chunk 4096]
+       [--chunk-lengths 8192]
 """
 
 from benchmarks.common import case_parser, print_table, run_case, serve_case, timed, write_results
@@ -60,13 +61,16 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384])
     parser.add_argument("--pad", type=int, default=100)
     parser.add_argument("--chunk", type=int, default=4096, help="chunked prefill: tokens per chunk")
+    parser.add_argument("--chunk-lengths", type=int, nargs="*", default=None,
+                        help="lengths with the chunked modes (default: every length above --chunk)")
     args = parser.parse_args()
     if serve_case(args, case):
         return
     rows = []
     for length in args.lengths:
         row = {"length": length}
-        for mode in MODES + (CHUNKED_MODES if length > args.chunk else ()):
+        chunked = length > args.chunk and (args.chunk_lengths is None or length in args.chunk_lengths)
+        for mode in MODES + (CHUNKED_MODES if chunked else ()):
             result = run_case(MODULE, {"length": length, "pad": args.pad, "mode": mode, "chunk": args.chunk},
                               timeout=3600)
             row[f"{mode}_s"], row[f"{mode}_mb"] = result["seconds"], result["peak_mb"]
@@ -79,7 +83,7 @@ def main():
         rows.append(row)
         print_table(rows[-1:], list(rows[-1]))
     print()
-    print_table(rows, list(rows[0]))
+    print_table(rows, list(dict.fromkeys(column for row in rows for column in row)))
     print("wrote", write_results("padding", rows, pad=args.pad, chunk=args.chunk))
 
 

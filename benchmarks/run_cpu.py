@@ -20,7 +20,7 @@ SUITE = {  # name -> arguments; each is `python -m benchmarks.bench_NAME ARGS`
     "loss": ["--shapes", "4096x8000x256", "4096x32000x768", "--chunk-mb", "--repeats", "2"],
     "rerope": ["--lengths", "4096", "16384", "--repeats", "2"],
     "lru": ["--lengths", "1024", "4096", "16384", "65536", "--chunk-sizes"],
-    "padding": ["--lengths", "2048", "8192", "16384"],
+    "padding": ["--lengths", "2048", "8192", "16384", "--chunk-lengths", "8192"],
     "decode": ["--contexts", "1024", "4096", "16384", "32768", "--steps", "16"],
     "eval": ["--lengths", "1x", "4x", "16x", "--repeats", "2"],
     "precision": ["--model", "default", "--length", "4096", "--windows", "2"],

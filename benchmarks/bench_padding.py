@@ -52,7 +52,7 @@ def case(spec):
 
     with torch.no_grad():  # warm-up on a short input, so the peak below is the long forward's
         model(ids[:, :256], use_cache=False, logits_to_keep=1)
-    seconds, peak = timed(forward, repeats=1)
+    seconds, peak = timed(forward, repeats=spec.get("repeats", 1))
     return {"seconds": seconds, "peak_mb": peak / 2**20}
 
 
@@ -61,6 +61,7 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384])
     parser.add_argument("--pad", type=int, default=100)
     parser.add_argument("--chunk", type=int, default=4096, help="chunked prefill: tokens per chunk")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs after the one that measures memory (best)")
     parser.add_argument("--chunk-lengths", type=int, nargs="*", default=None,
                         help="lengths with the chunked modes (default: every length above --chunk)")
     args = parser.parse_args()
@@ -71,8 +72,8 @@ def main():
         row = {"length": length}
         chunked = length > args.chunk and (args.chunk_lengths is None or length in args.chunk_lengths)
         for mode in MODES + (CHUNKED_MODES if chunked else ()):
-            result = run_case(MODULE, {"length": length, "pad": args.pad, "mode": mode, "chunk": args.chunk},
-                              timeout=3600)
+            result = run_case(MODULE, {"length": length, "pad": args.pad, "mode": mode, "chunk": args.chunk,
+                                       "repeats": args.repeats}, timeout=3600)
             row[f"{mode}_s"], row[f"{mode}_mb"] = result["seconds"], result["peak_mb"]
         row["padded_vs_unpadded_time"] = row["padded_s"] / row["unpadded_s"]
         row["dense_vs_row_time"] = row["padded_dense_s"] / row["padded_s"]

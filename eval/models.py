@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from longctx.data import TOKENIZER_FILES
+from longctx.data import load_tokenizer
 
 DEFAULT_PRESET = "tiny"
 DEFAULT_CORPUS = "shakespeare"
@@ -100,18 +100,8 @@ def fingerprint(paths) -> str:
     return digest.hexdigest()[:16]
 
 
-def _check_tokenizer(directory: Path):
-    if not any((directory / name).exists() for name in TOKENIZER_FILES):
-        raise FileNotFoundError(
-            f"model directory {directory} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): the evaluation "
-            "tokenises its text with the model's own tokenizer. Save it beside the weights with "
-            "`tokenizer.save_pretrained(directory)`.")
-
-
 def load_directory(directory, dtype=torch.float32, device="cpu"):
     """(model, tokenizer) from a longctx or Llama model directory that also holds its tokenizer."""
-    from transformers import AutoTokenizer
-
     from longctx import LongCtxForCausalLM
     from longctx.convert import from_llama
 
@@ -119,7 +109,7 @@ def load_directory(directory, dtype=torch.float32, device="cpu"):
     config_path = directory / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{directory} is not a model directory (no config.json).")
-    _check_tokenizer(directory)
+    tokenizer = load_tokenizer(directory)  # first: a directory without one fails before the weights load
     model_type = json.loads(config_path.read_text()).get("model_type")
     if model_type == "longctx":
         model = LongCtxForCausalLM.from_pretrained(directory, dtype=dtype)
@@ -128,7 +118,7 @@ def load_directory(directory, dtype=torch.float32, device="cpu"):
     else:
         raise ValueError(f"{directory}: model_type={model_type!r} is not supported; the evaluation loads 'longctx' "
                          "models and Llama-architecture models ('llama', converted with longctx.convert.from_llama).")
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(directory)
+    return model.to(device).eval(), tokenizer
 
 
 def load_gguf(path, dtype=torch.float32, device="cpu"):

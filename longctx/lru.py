@@ -322,9 +322,9 @@ def _native_scan(lam, b, keep, x0, reverse, out=None, kernel=None):
         raise ValueError("`out` must be a contiguous complex64 tensor shaped like b, and not b")
     else:
         x = out
-    (kernel or native_scan_kernel())(lam.data_ptr(), b.data_ptr(), None if keep is None else keep.data_ptr(),
-                                     None if x0 is None else x0.data_ptr(), x.data_ptr(), batch, length, size,
-                                     int(reverse))
+    kernel = kernel or native_scan_kernel()
+    kernel(lam.data_ptr(), b.data_ptr(), None if keep is None else keep.data_ptr(),
+           None if x0 is None else x0.data_ptr(), x.data_ptr(), batch, length, size, int(reverse))
     return x
 
 
@@ -332,13 +332,12 @@ def _scan(lam, b, keep, x0, chunk_size, reverse, backend):
     """x_t = λ·keep_t·x_{t∓1} + b_t, forward in time (−) or backward (+, `reverse`): a new complex64 tensor."""
     b = b.detach().to(torch.complex64)
     x0 = None if x0 is None else x0.detach().to(torch.complex64)
-    if backend == "auto":  # decided here, at run time: the op is opaque to torch.compile
-        backend = "native" if b.device.type == "cpu" and native_scan_kernel() is not None else "chunked"
-    if backend == "native":
-        if b.device.type != "cpu" or native_scan_kernel() is None:
-            raise ValueError(f"backend='native' needs CPU tensors (got {b.device.type}) and a working C compiler "
-                             f"({native_scan_unavailable() or 'found'}); use backend='chunked' or None.")
-        return _native_scan(lam.detach().to(torch.complex64), b, keep, x0, reverse)
+    kernel = native_scan_kernel() if b.device.type == "cpu" and backend != "chunked" else None
+    if backend == "native" and kernel is None:
+        raise ValueError(f"backend='native' needs CPU tensors (got {b.device.type}) and a working C compiler "
+                         f"({native_scan_unavailable() or 'found'}); use backend='chunked' or None.")
+    if kernel is not None:  # "native", or "auto" (decided here, at run time: the op is opaque to torch.compile)
+        return _native_scan(lam.detach(), b, keep, x0, reverse, kernel=kernel)
     log_lam = torch.log(lam.detach().to(torch.complex128))
     if reverse:
         b, keep = b.flip(1).contiguous(), None if keep is None else keep.flip(1)  # flip keeps b's strides

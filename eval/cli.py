@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from longctx.data import progress_bars
+
 from .models import DEFAULT_CORPUS, LoadedModel, load_model
 from .variants import BASE_VARIANTS, DYNAMIC_MODES, VARIANTS, available_variants, check_variants, make_settings
 
@@ -98,7 +100,8 @@ def prepare(args, command: str) -> Session:
         unknown = [v for v in args.variants if v not in VARIANTS]
         if unknown:
             raise ValueError(f"unknown variant {unknown[0]!r}; allowed: {', '.join(VARIANTS)}.")
-    loaded = load_model(args.model, getattr(torch, dtype), device, progress=not args.no_progress)
+    with progress_bars(not args.no_progress):
+        loaded = load_model(args.model, getattr(torch, dtype), device, progress=not args.no_progress)
     train_len = _train_len(loaded.model.config)
     lengths = parse_lengths(args.lengths, train_len)
     settings = make_settings(loaded.model.config, max(lengths), args.factor, args.rerope_window, args.leaky_factor,

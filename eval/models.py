@@ -123,14 +123,12 @@ def load_directory(directory, dtype=torch.float32, device="cpu"):
 
 def load_gguf(path, dtype=torch.float32, device="cpu"):
     """(model, tokenizer) from a GGUF file (de-quantised; the tokenizer is read from the same file)."""
-    from transformers import AutoTokenizer
-
     from longctx.convert import from_llama
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = load_tokenizer(path)
     return from_llama(path).to(dtype).to(device).eval(), tokenizer
 
 

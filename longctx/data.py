@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sysconfig
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -207,6 +208,23 @@ def train_tokenizer(documents: list[str], vocab_size: int, save_dir, seed: int =
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "spiece.model", "vocab.json")
+
+
+@contextmanager
+def progress_bars(enabled=True):
+    """Show (or hide) datasets' and transformers' own progress bars (packing, loading weights) within the block;
+    their previous setting is restored after it."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets_on, hf_on = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (datasets.enable_progress_bars if datasets_on else datasets.disable_progress_bars)()
+        (hf_logging.enable_progress_bar if hf_on else hf_logging.disable_progress_bar)()
 
 
 def load_tokenizer(path):

@@ -201,3 +201,18 @@ def test_unigram_entropy_formula():
     tokens = [[0, 0, 1, 2], [2, 2, 2, 5]]
     p = np.array([2, 1, 4, 1]) / 8
     assert data.unigram_entropy(tokens) == pytest.approx(float(-(p * np.log(p)).sum()))
+
+
+def test_progress_bars_are_hidden_within_the_block_and_restored_after():
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    from longctx.data import progress_bars
+
+    before = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    with progress_bars(False):
+        assert not datasets.is_progress_bar_enabled() and not hf_logging.is_progress_bar_enabled()
+        with progress_bars(True):
+            assert datasets.is_progress_bar_enabled() and hf_logging.is_progress_bar_enabled()
+        assert not datasets.is_progress_bar_enabled() and not hf_logging.is_progress_bar_enabled()
+    assert (datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()) == before

@@ -12,7 +12,7 @@ from .config import DEFAULTS, PRESETS, ConfigError, apply_overrides, load_preset
 
 
 def parse_overrides(tokens: list[str]) -> dict:
-    """`--key value`, `--key=value` and bare `--flag` (= true) into {key: value}."""
+    """`--key value`, `--key=value` and bare `--flag` (= true, for the keys that can be true) into {key: value}."""
     overrides, i = {}, 0
     while i < len(tokens):
         token = tokens[i]
@@ -22,6 +22,9 @@ def parse_overrides(tokens: list[str]) -> dict:
         if not has_value:
             if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
                 value, i = tokens[i + 1], i + 1
+            elif not isinstance(default := DEFAULTS.get(key.replace("-", "_")), bool | None):
+                raise ConfigError(f"--{key} needs a value (e.g. --{key} {default}); only true/false keys can be "
+                                  "given bare")
             else:
                 value = "true"
         overrides[key.replace("-", "_")] = parse_value(value)

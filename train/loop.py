@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from longctx import LongCtxConfig, LongCtxForCausalLM
 from longctx.configuration_longctx import original_max_positions
-from longctx.data import corpus_splits, load_tokenizer, pack_windows, train_tokenizer
+from longctx.data import corpus_splits, load_tokenizer, pack_windows, progress_bars, train_tokenizer
 from longctx.rope import set_rope
 
 from .checkpoint import (
@@ -257,10 +257,15 @@ def evaluate(accelerator, model, windows, config) -> float:
 
 def run_training(config: dict) -> Path:
     """Train (or fine-tune) as `config` says; returns `out_dir/model`, the final model + tokenizer directory."""
+    config = resolve_config(config)
+    with progress_bars(config["progress"]):  # `progress: false` also hides datasets' and transformers' bars
+        return _train(config)
+
+
+def _train(config):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    config = resolve_config(config)
     splits = corpus_splits(config["corpus"], seed=config["split_seed"])  # a missing corpus fails before out_dir
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config["mixed_precision"])
     main, world = accelerator.is_main_process, accelerator.num_processes

@@ -1,5 +1,7 @@
 """Decoding against context length: tokens/s of cached one-token steps and the bytes the cache holds, for an
-all-attention stack, a hybrid (lru, lru, lru, attention) and an all-LRU stack of the same width.
+all-attention stack, a hybrid (lru, lru, lru, attention) and an all-LRU stack of the same width, and transformers'
+`LlamaForCausalLM` with the all-attention stack's weights (`transformers`, its `DynamicCache` concatenating every
+step; longctx appends in place, `longctx.cache.GrowingLayer`).
 
 The context is prefilled in chunks of 4096 tokens (through the cache, as `generate` would after a long prompt);
 then `--steps` single-token forwards are timed (median step) and the cache is measured from its tensors: keys and
@@ -15,48 +17,66 @@ import torch
 
 from benchmarks.common import median, print_table, take_turns, write_results
 from longctx import LongCtxConfig, LongCtxForCausalLM
-from longctx.modeling_longctx import output_cache
+from longctx.modeling_longctx import CACHE_FIELD, output_cache
 
 SHAPE = dict(vocab_size=1000, hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=2,
              num_key_value_heads=2, max_position_embeddings=4096, lru_state_size=256)
-STACKS = {"attention": ["attention"] * 4, "hybrid": ["lru", "lru", "lru", "attention"], "lru": ["lru"] * 4}
+STACKS = {"transformers": None, "attention": ["attention"] * 4, "hybrid": ["lru", "lru", "lru", "attention"],
+          "lru": ["lru"] * 4}
+
+
+def build(name):
+    """The model of stack `name`; `transformers` is LlamaForCausalLM with the same weights as `attention`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from longctx.convert import from_llama
+
+    torch.manual_seed(0)
+    if name in ("transformers", "attention"):
+        llama = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in SHAPE.items() if k != "lru_state_size"},
+                                             attn_implementation="sdpa")).eval()
+        return llama if name == "transformers" else from_llama(llama).eval()
+    return LongCtxForCausalLM(LongCtxConfig(**SHAPE, block_types=STACKS[name])).eval()
 
 
 def cache_bytes(cache):
-    """Bytes held by the cache's tensors: attention keys/values and LRU recurrent states."""
-    total = 0
+    """Bytes the cache's tensors hold: the storage under attention keys/values (a buffer with spare slots, for
+    longctx's appending layer) and LRU recurrent states."""
+    storages = {}
     for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None:
-            total += layer.keys.nbytes + layer.values.nbytes
-        total += sum(s.nbytes for s in getattr(layer, "recurrent_states", {}).values() if s is not None)
-    return total
+        tensors = [getattr(layer, "keys", None), getattr(layer, "values", None),
+                   *getattr(layer, "recurrent_states", {}).values()]
+        for tensor in tensors:
+            if tensor is not None:
+                storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 @torch.no_grad()
 def prefill(model, ids, chunk=4096):
     cache = None
     for start in range(0, ids.shape[1], chunk):
-        cache = output_cache(model(ids[:, start:start + chunk], cache=cache, use_cache=True))
+        cache = output_cache(model(ids[:, start:start + chunk], **{CACHE_FIELD: cache}, use_cache=True))
     return cache
 
 
 @torch.no_grad()
 def decode_row(context, steps):
     row = {"context": context}
-    for name, block_types in STACKS.items():
-        torch.manual_seed(0)
-        model = LongCtxForCausalLM(LongCtxConfig(**SHAPE, block_types=block_types)).eval()
+    for name in STACKS:
+        model = build(name)
         ids = torch.randint(0, SHAPE["vocab_size"], (1, context + steps + 2))
         cache = prefill(model, ids[:, :context])
         position = iter(range(context, context + steps + 2))
 
         def step():
             t = next(position)
-            model(ids[:, t:t + 1], cache=cache, use_cache=True)
+            model(ids[:, t:t + 1], **{CACHE_FIELD: cache}, use_cache=True)
 
         seconds = median(take_turns({name: step}, steps)[name])
         row[f"{name}_tok_s"] = 1 / seconds
         row[f"{name}_MiB"] = cache_bytes(cache) / 2**20
+    row["attention_vs_transformers"] = row["attention_tok_s"] / row["transformers_tok_s"]
     return row
 
 

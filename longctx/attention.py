@@ -27,17 +27,38 @@ class AttentionMask:
 
     `padding_mask` (batch, kv_len) bool, True for real tokens, or None when nothing is padded. The dense
     (batch, 1, q_len, kv_len) form is built at most once per forward, and only for backends that need it.
+    The queries are the last q_len of the kv_len keys, unless `query_start` says where they begin: a static cache
+    under torch.compile (`cache.static_slots`), whose keys are its whole buffer and whose filled length is a
+    tensor (an int would break the graph); its unfilled slots are padding.
     """
 
     q_len: int
     kv_len: int
     padding_mask: torch.Tensor | None = None
+    query_start: torch.Tensor | int | None = None
     _dense: torch.Tensor | None = field(default=None, repr=False)
     _spans: object = field(default=False, repr=False)  # `real_spans`, found once per forward (False: not yet)
 
     @property
     def is_plain_causal(self) -> bool:
         return self.padding_mask is None
+
+    @property
+    def past(self):
+        """Keys before the first query: an int, or a 0-d tensor (`query_start`)."""
+        return self.kv_len - self.q_len if self.query_start is None else self.query_start
+
+    def query_slots(self, device) -> torch.Tensor:
+        """Each query's index among the keys, (q_len,)."""
+        return torch.arange(self.q_len, device=device) + self.past
+
+    def query_padding(self):
+        """The queries' own column of `padding_mask`, (batch, q_len), or None."""
+        if self.padding_mask is None:
+            return None
+        if self.query_start is None:
+            return self.padding_mask[:, self.kv_len - self.q_len:]
+        return self.padding_mask.index_select(1, self.query_slots(self.padding_mask.device))
 
     def dense(self, device) -> torch.Tensor:
         """Boolean mask (batch or 1, 1, q_len, kv_len), True = may attend: `rows` over every query, built once."""
@@ -63,13 +84,13 @@ class AttentionMask:
     def _build(self, start, end, device):
         """Causal by index, padding keys hidden. A row with no visible key (a left-padding query) sees its causal
         keys instead: that keeps softmax finite, and its output is never used."""
-        past = self.kv_len - self.q_len
-        query_index = torch.arange(past + start, past + end, device=device)
-        key_index = torch.arange(past + end, device=device)
+        query_index = torch.arange(start, end, device=device) + self.past
+        keys = self.kv_len if self.query_start is not None else self.past + end
+        key_index = torch.arange(keys, device=device)
         causal = (key_index[None, :] <= query_index[:, None])[None, None]  # (1, 1, rows, keys)
         if self.padding_mask is None:
             return causal
-        mask = causal & self.padding_mask[:, None, None, : past + end].to(device)
+        mask = causal & self.padding_mask[:, None, None, :keys].to(device)
         return mask | (causal & ~mask.any(dim=-1, keepdim=True))
 
     def real_spans(self):
@@ -95,8 +116,11 @@ class AttentionMask:
     def visible_keys(self, device) -> torch.Tensor:
         """Number of keys each query sees, (batch or 1, q_len): what `logn_scaling="trained"` counts."""
         if self.padding_mask is None:
-            return torch.arange(self.kv_len - self.q_len + 1, self.kv_len + 1, device=device)[None]
-        return self.padding_mask.to(device).long().cumsum(-1)[:, self.kv_len - self.q_len:].clamp(min=1)
+            return self.query_slots(device)[None] + 1
+        counts = self.padding_mask.to(device).long().cumsum(-1)
+        if self.query_start is not None:
+            return counts.index_select(1, self.query_slots(device)).clamp(min=1)
+        return counts[:, self.kv_len - self.q_len:].clamp(min=1)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -184,7 +208,7 @@ BLOCKED_QUERIES = (256, 16384)  # prefill lengths where `blocked_attention` beat
 def prefer_blocked(query, key, mask: AttentionMask) -> bool:
     """Whether `sdpa` runs `blocked_attention`: on CPU, bfloat16, no autograd, a prefill of 256–16384 queries.
     Beyond 16k keys its score blocks no longer stay in cache and torch's kernel is as fast (0.9–1.1×)."""
-    return (query.device.type == "cpu" and query.dtype == torch.bfloat16
+    return (query.device.type == "cpu" and query.dtype == torch.bfloat16 and mask.query_start is None
             and BLOCKED_QUERIES[0] <= mask.q_len and mask.kv_len <= BLOCKED_QUERIES[1]
             and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)))
 

@@ -402,12 +402,14 @@ def read_lru_state(cache, layer_idx):
 
 
 def write_lru_state(cache, layer_idx, state, new_tokens):
-    """Store the state after this forward (copied into a fixed buffer: constant memory) and count the tokens."""
+    """Store the state after this forward (copied into a fixed buffer: constant memory) and, in an all-LRU stack
+    (no attention layer counts its keys), count the tokens. Not counted elsewhere: a compiled hybrid step would
+    otherwise be specialised on the count and recompiled."""
     layer = _state_layer(cache, layer_idx)
-    seen = layer.lru_seen_tokens if layer.has_previous_state[0] else 0
+    if all(cache.is_linear):
+        layer.lru_seen_tokens = (layer.lru_seen_tokens if layer.has_previous_state[0] else 0) + new_tokens
     cache.update_recurrent_state(state, layer_idx)
     layer.has_previous_state[0] = True  # `cache.reset()` clears it: the state then restarts from zero
-    layer.lru_seen_tokens = seen + new_tokens
 
 
 def cached_length(cache):

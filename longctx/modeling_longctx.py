@@ -8,6 +8,7 @@ Imports stay relative: `save_pretrained` copies these files into every checkpoin
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -19,6 +20,7 @@ from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 from .attention import AttentionMask, LongCtxAttention, check_attn_implementation, logn_query_scale
+from .cache import static_slots
 from .configuration_longctx import LongCtxConfig
 from .loss import causal_lm_loss, linear_cross_entropy, token_scores
 from .lru import LongCtxLRU, cached_length
@@ -87,7 +89,7 @@ class LongCtxDecoderLayer(GradientCheckpointingLayer):
         """(hidden states, the attention weights: None unless `output_attentions` in an attention block)."""
         residual, weights = hidden_states, None
         if self.block_type == "lru":
-            hidden_states = self.lru(self.input_layernorm(hidden_states), position_ids, mask.padding_mask, cache)
+            hidden_states = self.lru(self.input_layernorm(hidden_states), position_ids, mask.query_padding(), cache)
         else:
             hidden_states, weights = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, mask,
                                                     query_scale, cache, position_ids=position_ids, rotary=rotary,
@@ -175,7 +177,7 @@ class LongCtxModel(LongCtxPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, batch, kv_len):
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, batch, kv_len, slots=None):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         if input_ids is not None and input_ids.numel() and not torch.compiler.is_compiling():  # (no graph break)
@@ -184,10 +186,16 @@ class LongCtxModel(LongCtxPreTrainedModel):
                 bad = low if low < 0 else high
                 raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, "
                                  f"{self.config.vocab_size - 1}] (vocab_size={self.config.vocab_size}).")
-        if attention_mask is not None and tuple(attention_mask.shape) != (batch, kv_len):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}; expected a 2D padding mask of shape "
-                f"(batch, past + new tokens) = ({batch}, {kv_len}), 1 for real tokens and 0 for padding.")
+        if attention_mask is None or tuple(attention_mask.shape) in ((batch, kv_len), (batch, slots)):
+            return
+        if torch.compiler.is_compiling() and slots is not None:  # past + new tokens is a tensor: not compared
+            if attention_mask.dim() == 2 and attention_mask.shape[0] == batch and attention_mask.shape[1] <= slots:
+                return
+            kv_len = "past + new tokens"
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}; expected a 2D padding mask of shape "
+            f"(batch, past + new tokens) = ({batch}, {kv_len}), 1 for real tokens and 0 for padding"
+            + (f" (or, with this static cache, ({batch}, {slots}))." if slots is not None else "."))
 
     @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
@@ -207,21 +215,33 @@ class LongCtxModel(LongCtxPreTrainedModel):
             cache = DynamicCache(config=self.config)
         shape_source = input_ids if input_ids is not None else inputs_embeds
         batch, q_len = shape_source.shape[:2]
-        past_len = cached_length(cache) if cache is not None else 0
-        kv_len = past_len + q_len
-        self._check_inputs(input_ids, inputs_embeds, attention_mask, batch, kv_len)
+        slots = static_slots(cache) if cache is not None else None
+        fixed = slots is not None and torch.compiler.is_compiling()
+        if fixed:  # a static cache, compiled: its whole buffer, its filled length a tensor (no int, no graph break)
+            past_len, kv_len = cache.get_seq_length(), slots
+        else:
+            past_len = cached_length(cache) if cache is not None else 0
+            kv_len = past_len + q_len
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, batch, kv_len, slots)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
 
+        if fixed:  # unfilled slots are padding, whatever a shorter mask or padding with ones says
+            filled = torch.arange(slots, device=inputs_embeds.device) < past_len + q_len
+            attention_mask = filled[None].expand(batch, -1) if attention_mask is None else (
+                F.pad(attention_mask.bool(), (0, slots - attention_mask.shape[-1])) & filled)
+        elif attention_mask is not None:
+            attention_mask = attention_mask[:, :kv_len]  # a static cache's (batch, slots) mask: the filled slots
         padding_mask = None
         if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
             padding_mask = attention_mask.bool()  # compiled: kept as given, as deciding would break the graph
+        mask = AttentionMask(q_len, kv_len, padding_mask, query_start=past_len if fixed else None)
         if position_ids is None:
             if padding_mask is not None:  # left padding: real tokens count from 0
-                position_ids = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+                counts = padding_mask.long().cumsum(-1) - 1
+                position_ids = counts.index_select(1, mask.query_slots(counts.device)).clamp(min=0)
             else:
-                position_ids = torch.arange(past_len, kv_len, device=inputs_embeds.device)[None].expand(batch, -1)
-        mask = AttentionMask(q_len, kv_len, padding_mask)
+                position_ids = mask.query_slots(inputs_embeds.device)[None].expand(batch, -1)
         position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)
         query_scale = logn_query_scale(self.config, position_ids, mask)
 
@@ -265,8 +285,13 @@ class LongCtxForCausalLM(LongCtxPreTrainedModel, GenerationMixin):
         for its length, which only attention layers hold. Then the forward builds the cache (it counts tokens)."""
         return "attention" in self.config.block_types
 
-    def create_masks_for_generate(self, attention_mask=None, **kwargs):
-        """generate() hook (used with an all-LRU cache): keep the 2D padding mask; the forward builds its masks."""
+    def create_masks_for_generate(self, attention_mask=None, cache=None, past_key_values=None, **kwargs):
+        """generate() hook for the caches it may compile with (static, all-LRU): keep the 2D padding mask (the
+        forward builds its masks), padded with zeros to a static cache's length: every step then has one shape."""
+        cache = cache if cache is not None else past_key_values
+        slots = static_slots(cache) if cache is not None else None
+        if attention_mask is not None and attention_mask.dim() == 2 and slots is not None:
+            attention_mask = F.pad(attention_mask, (0, slots - attention_mask.shape[-1]))
         return attention_mask
 
     def get_input_embeddings(self):

@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import left_padded, tiny_model
+from transformers import StaticCache
 
 import longctx  # noqa: F401 - registers the custom operators torch.ops.longctx.*
 from longctx.rope import set_rope
@@ -169,3 +170,45 @@ def test_generate_with_compiled_forward_equals_eager():
     assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False),
                        set_rope(reference, yarn).generate(ids, max_new_tokens=6, do_sample=False))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the prefill and the one-token steps
+
+
+STATIC_VARIANTS = {k: v for k, v in VARIANTS.items() if k != "rerope"}  # ReRoPE keeps keys before RoPE: no StaticCache
+STATIC_VARIANTS["eager attention"] = {"attn": "eager"}
+
+
+@pytest.mark.parametrize("variant", STATIC_VARIANTS)
+def test_static_cache_generate_compiles_to_one_graph_per_shape(variant):
+    """generate(cache_implementation="static") with a fullgraph-compiled forward, on a left-padded batch: the same
+    tokens as eager decoding with a growing cache, from two graphs — the prefill and every decoding step (the
+    filled length a tensor, the unfilled slots masked), as CUDA graphs need."""
+    overrides = dict(STATIC_VARIANTS[variant])
+    model = tiny_model(**overrides)
+    ids, mask = left_padded([12, 9], 12)
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    expected = tiny_model(**overrides).generate(ids, **kwargs)  # same seed: same weights
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model.forward = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
+    assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), expected)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_compiled_forward_over_a_static_cache_equals_eager(padded):
+    """Called directly (not through generate): a mask of the tokens so far (shorter than the cache) or none; the
+    compiled steps over a StaticCache give the eager logits over a DynamicCache."""
+    model = tiny_model(block_types=["lru", "attention"], lru_state_size=32)
+    ids, mask = left_padded([8, 5] if padded else [8, 8], 8)
+    steps = torch.randint(1, 128, (2, 3), generator=torch.Generator().manual_seed(5))
+    compiled = fresh_compile(model)
+    static = StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        eager = model(ids, attention_mask=mask)
+        out = compiled(ids, attention_mask=mask if padded else None, cache=static)
+        torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-5)
+        cache = eager.cache if hasattr(eager, "cache") else eager.past_key_values
+        for step in range(steps.shape[1]):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+            eager = model(steps[:, step:step + 1], attention_mask=mask, cache=cache)
+            out = compiled(steps[:, step:step + 1], attention_mask=mask if padded else None, cache=static)
+            torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,110 @@
+"""The KV-cache layers: `GrowingLayer` (appends in place) against transformers' `DynamicLayer` (torch.cat)."""
+
+import random
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from conftest import tiny_model
+
+from longctx.cache import GrowingLayer
+from longctx.modeling_longctx import CACHE_FIELD
+
+
+def random_operations(seed, steps=60):
+    """A random history of what generate(), beam search, assisted decoding and offloading do to a cache layer."""
+    rng, batch, ops = random.Random(seed), 3, []
+    for _ in range(steps):
+        kind = rng.choices(["prefill", "step", "crop", "reorder", "repeat", "offload", "reset"],
+                           weights=[1, 12, 2, 2, 1, 1, 0.3])[0]
+        if kind in ("prefill", "step"):
+            ops.append(("update", rng.randint(2, 300) if kind == "prefill" else 1))
+        elif kind == "crop":
+            ops.append(("crop", -rng.randint(0, 5)))
+        elif kind == "reorder":
+            ops.append(("reorder", [rng.randrange(batch) for _ in range(batch)]))
+        elif kind == "repeat":
+            ops.append(("repeat_then_select", [rng.randrange(2 * batch) for _ in range(batch)]))
+        else:
+            ops.append((kind, None))
+    return ops
+
+
+def apply(layer, op, arg, generator, batch=3):
+    if op == "update":
+        keys = torch.randn(batch, 2, arg, 4, generator=generator)
+        return layer.update(keys, keys * 2)
+    if op == "crop":
+        layer.crop(arg)
+    elif op == "reorder":
+        layer.reorder_cache(torch.tensor(arg))
+    elif op == "repeat_then_select":
+        layer.batch_repeat_interleave(2)
+        layer.batch_select_indices(torch.tensor(arg))
+    elif op == "offload":  # (to the CPU, where it already is: the views stay, the buffers are let go)
+        layer.offload()
+        layer.prefetch()
+    elif op == "reset":
+        layer.reset()
+    return None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_growing_layer_equals_dynamic_layer_and_never_changes_what_it_returned(seed):
+    """Same keys and values as DynamicLayer after every operation; every tensor an update returned keeps its values
+    (a slot is written once: crops and reorders reallocate rather than overwrite)."""
+    growing, dynamic, handed_out = GrowingLayer(), DynamicLayer(), []
+    for op, arg in random_operations(seed):
+        out = apply(growing, op, arg, torch.Generator().manual_seed(len(handed_out)))
+        expected = apply(dynamic, op, arg, torch.Generator().manual_seed(len(handed_out)))
+        if out is not None:
+            handed_out.append((out[0], out[0].clone()))
+            torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        assert growing.get_seq_length() == dynamic.get_seq_length()
+        if dynamic.get_seq_length():
+            assert torch.equal(growing.keys, dynamic.keys) and torch.equal(growing.values, dynamic.values)
+    assert all(torch.equal(tensor, copy) for tensor, copy in handed_out)
+
+
+def test_growing_layer_writes_steps_in_place_and_grows_geometrically():
+    layer, keys = GrowingLayer(), torch.randn(1, 2, 4000, 4)
+    layer.update(keys[:, :, :1000], keys[:, :, :1000])
+    assert layer._buffers[0].shape[2] == 1000 + 256  # 256 spare slots after the first update
+    pointer = layer._buffers[0].data_ptr()
+    for t in range(256):
+        layer.update(keys[:, :, t:t + 1], keys[:, :, t:t + 1])
+        assert layer.keys.data_ptr() == pointer  # no copy while there is room
+    layer.update(keys, keys)  # full: grows by an eighth
+    assert layer._buffers[0].shape[2] == 5256 + 5256 // 8 and layer.get_seq_length() == 5256
+
+
+def test_growing_layer_concatenates_under_autograd():
+    """The in-place append would break a backward through earlier keys: with gradients it concatenates."""
+    layer, keys = GrowingLayer(), torch.randn(1, 2, 5, 4, requires_grad=True)
+    first, _ = layer.update(keys, keys)
+    second, _ = layer.update(keys * 2, keys)
+    second.sum().backward()
+    torch.testing.assert_close(keys.grad, torch.full_like(keys, 3.0))
+    assert layer._buffers is None
+
+
+def test_inference_mode_buffers_are_not_written_outside_it():
+    layer, keys = GrowingLayer(), torch.randn(1, 2, 5, 4)
+    with torch.inference_mode():
+        layer.update(keys, keys)
+    with torch.no_grad():
+        out, _ = layer.update(keys, keys)  # no "inplace update to inference tensor": copied into new buffers
+    assert torch.equal(out, torch.cat([keys, keys], dim=2))
+
+
+def test_generate_uses_growing_layers_and_equals_recomputation():
+    """generate() swaps a GrowingLayer in for each empty DynamicLayer; greedy tokens equal recomputing the whole
+    sequence at every step (no cache)."""
+    model = tiny_model()
+    ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    cache = DynamicCache(config=model.config)
+    out = model.generate(ids, **{CACHE_FIELD: cache}, **kwargs)  # `cache` (transformers >= 5.24) or its old name
+    assert all(type(layer) is GrowingLayer for layer in cache.layers)
+    assert torch.equal(out, model.generate(ids, use_cache=False, **kwargs))

@@ -29,7 +29,8 @@ class AttentionMask:
     (batch, 1, q_len, kv_len) form is built at most once per forward, and only for backends that need it.
     The queries are the last q_len of the kv_len keys, unless `query_start` says where they begin: a static cache
     under torch.compile (`cache.static_slots`), whose keys are its whole buffer and whose filled length is a
-    tensor (an int would break the graph); its unfilled slots are padding.
+    tensor (an int would break the graph) that nothing may change during the forward; its unfilled slots are
+    padding. The block-wise paths (`rows`, `hide_`) serve only the usual alignment (`query_start` None).
     """
 
     q_len: int

@@ -19,45 +19,49 @@ class GrowingLayer(DynamicLayer):
     growth (amortised O(1) per token). `keys` and `values` are views of the filled slots, so every `DynamicLayer`
     method (crop, beam reordering, batch selection, offloading) works unchanged; a slot is written once — after a
     crop or any method that replaced the views, the next update copies into new buffers — so no tensor handed out
-    changes afterwards. Under autograd or torch.compile it concatenates, as `DynamicLayer` does."""
+    changes afterwards (buffers belong to one layer object: a shallow copy copies them on its next update). With
+    gradients enabled, under torch.compile, or when the new keys do not match the held ones (batch, heads, dtype,
+    device), it concatenates, as `DynamicLayer` does (and fails or promotes as it does)."""
 
-    GROWTH = 8, 256  # spare slots: 256 at first, then max(length // 8, 256)
+    GROWTH = 8, 256  # spare slots: 256 at first, then max(needed // 8, 256) where needed = slots after the update
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self._buffers = None  # (keys, values) (batch, heads, capacity, head_dim), or None
+        self._buffers = None  # (keys, values, id of the owning layer); keys/values (batch, heads, capacity, d)
         self._filled = 0  # slots written
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if (torch.compiler.is_compiling() or key_states.requires_grad or value_states.requires_grad
-                or (torch.is_grad_enabled() and self.is_initialized and self.keys.requires_grad)):
-            self._buffers = None
-            return super().update(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         length, new = self.get_seq_length(), key_states.shape[-2]
-        if not self._appendable(key_states, value_states, length + new):
+        if (torch.compiler.is_compiling() or torch.is_grad_enabled()
+                or (length and not self._matches(key_states, value_states))):
+            self._buffers = None
+            return super().update(key_states, value_states)
+        if not self._appendable(length + new):
             self._reallocate(key_states, value_states, length, length + new)
-        keys, values = self._buffers
+        keys, values, _ = self._buffers
         keys[:, :, length:length + new] = key_states
         values[:, :, length:length + new] = value_states
         self._filled = length + new
         self.keys, self.values = keys[:, :, :self._filled], values[:, :, :self._filled]
         return self.keys, self.values
 
-    def _appendable(self, key_states, value_states, needed):
-        """Whether the new slots can be written into the current buffers: `keys`/`values` are still their views of
-        every written slot, the shapes and dtypes match, there is room, and writing is allowed in this mode."""
-        if self._buffers is None or self.get_seq_length() != self._filled:
+    def _matches(self, key_states, value_states):
+        """Whether the new keys and values extend the held ones: same batch, heads, head size, dtype and device."""
+        return all(held.shape[:2] + held.shape[3:] == new.shape[:2] + new.shape[3:]
+                   and (held.dtype, held.device) == (new.dtype, new.device)
+                   for held, new in ((self.keys, key_states), (self.values, value_states)))
+
+    def _appendable(self, needed):
+        """Whether the new slots can be written into this layer's buffers: `keys`/`values` are still their views
+        of every written slot, there is room, and writing is allowed in this mode."""
+        if self._buffers is None or self._buffers[2] != id(self) or self.get_seq_length() != self._filled:
             return False
-        keys, values = self._buffers
+        keys, values, _ = self._buffers
         return (needed <= keys.shape[2]
                 and all(held.data_ptr() == buffer.data_ptr() and held.stride() == buffer.stride()
                         for held, buffer in ((self.keys, keys), (self.values, values)))
-                and keys.shape[:2] + keys.shape[3:] == key_states.shape[:2] + key_states.shape[3:]
-                and values.shape[:2] + values.shape[3:] == value_states.shape[:2] + value_states.shape[3:]
-                and (keys.dtype, keys.device, values.dtype, values.device)
-                == (key_states.dtype, key_states.device, value_states.dtype, value_states.device)
                 and (torch.is_inference_mode_enabled() or not keys.is_inference()))
 
     def _reallocate(self, key_states, value_states, length, needed):
@@ -68,7 +72,7 @@ class GrowingLayer(DynamicLayer):
             if length:
                 buffer[:, :, :length] = held
             buffers.append(buffer)
-        self._buffers = tuple(buffers)
+        self._buffers = (*buffers, id(self))
 
     def reset(self):
         super().reset()
@@ -150,11 +154,16 @@ def update_keys_before_rope(cache, layer_idx, key, value, positions):
         return key, value, positions
     layer = _cache_layer(cache, layer_idx)
     if not isinstance(layer, PreRopeLayer):
-        if type(layer) not in (DynamicLayer, GrowingLayer) or _holds_keys(layer):
+        if type(layer) not in (DynamicLayer, GrowingLayer):
             raise ValueError(
-                f"This rope_type keeps keys before RoPE in the KV cache, but layer {layer_idx} of the given cache is a "
-                f"{type(layer).__name__} holding {layer.get_seq_length()} keys: pass a fresh DynamicCache (or none; "
-                "in generate(), the default cache_implementation), and start a new cache after `set_rope`.")
+                f"This rope_type keeps keys before RoPE in the KV cache, which a {type(layer).__name__} (layer "
+                f"{layer_idx} of the given cache) cannot hold: pass a DynamicCache (or none; in generate(), the "
+                "default cache_implementation, not 'static').")
+        if _holds_keys(layer):
+            raise ValueError(
+                f"This rope_type keeps keys before RoPE in the KV cache, but layer {layer_idx} of the given cache "
+                f"holds {layer.get_seq_length()} keys after RoPE (filled under another rope_type): pass a fresh "
+                "DynamicCache, and start a new cache after `set_rope`.")
         layer = cache.layers[layer_idx] = PreRopeLayer()
     keys, values = cache.update(key, value, layer_idx, positions=positions)
     return keys, values, layer.positions
@@ -166,7 +175,7 @@ def update_keys_after_rope(cache, layer_idx, key, value, kv_len, scheme=None):
     scheme the keys were rotated by, kept on the cache layer; keys of another scheme (`set_rope` since) are refused,
     as are keys before RoPE (filled under another rope_type). A compiled forward passes None: not checked."""
     layer = _cache_layer(cache, layer_idx)
-    if type(layer) in (DynamicLayer, PreRopeLayer) and not _holds_keys(layer) and not torch.compiler.is_compiling():
+    if type(layer) in (DynamicLayer, PreRopeLayer) and not _holds_keys(layer):
         layer = cache.layers[layer_idx] = GrowingLayer()  # appends in place (an emptied PreRopeLayer: plain again)
     if isinstance(layer, PreRopeLayer):
         raise ValueError(

@@ -212,19 +212,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 @contextmanager
 def progress_bars(enabled=True):
-    """Show (or hide) datasets' and transformers' own progress bars (packing, loading weights) within the block;
-    their previous setting is restored after it."""
+    """`enabled=False`: hide datasets' and transformers' own progress bars (packing, loading weights) within the
+    block, restoring their setting after it. `True` leaves them as they are (HF_HUB_DISABLE_PROGRESS_BARS holds)."""
     import datasets
     from transformers.utils import logging as hf_logging
 
     datasets_on, hf_on = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
-    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
-    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    if not enabled:
+        datasets.disable_progress_bars()
+        hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        (datasets.enable_progress_bars if datasets_on else datasets.disable_progress_bars)()
-        (hf_logging.enable_progress_bar if hf_on else hf_logging.disable_progress_bar)()
+        if not enabled and datasets_on:
+            datasets.enable_progress_bars()
+        if not enabled and hf_on:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(path):

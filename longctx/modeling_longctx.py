@@ -177,7 +177,7 @@ class LongCtxModel(LongCtxPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, batch, kv_len, slots=None):
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, batch, kv_len, slots=None, fixed=False):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         if input_ids is not None and input_ids.numel() and not torch.compiler.is_compiling():  # (no graph break)
@@ -188,10 +188,11 @@ class LongCtxModel(LongCtxPreTrainedModel):
                                  f"{self.config.vocab_size - 1}] (vocab_size={self.config.vocab_size}).")
         if attention_mask is None or tuple(attention_mask.shape) in ((batch, kv_len), (batch, slots)):
             return
-        if torch.compiler.is_compiling() and slots is not None:  # past + new tokens is a tensor: not compared
-            if attention_mask.dim() == 2 and attention_mask.shape[0] == batch and attention_mask.shape[1] <= slots:
-                return
-            kv_len = "past + new tokens"
+        if fixed:  # (past + new tokens is a tensor here: a mask of that width cannot be checked, so it is refused)
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; a compiled forward over a StaticCache takes "
+                f"the padding mask of every cache slot, ({batch}, {slots}) = (batch, max_cache_len), 0 beyond the "
+                "tokens so far (generate() passes it so), or none.")
         raise ValueError(
             f"attention_mask has shape {tuple(attention_mask.shape)}; expected a 2D padding mask of shape "
             f"(batch, past + new tokens) = ({batch}, {kv_len}), 1 for real tokens and 0 for padding"
@@ -216,20 +217,25 @@ class LongCtxModel(LongCtxPreTrainedModel):
         shape_source = input_ids if input_ids is not None else inputs_embeds
         batch, q_len = shape_source.shape[:2]
         slots = static_slots(cache) if cache is not None else None
-        fixed = slots is not None and torch.compiler.is_compiling()
-        if fixed:  # a static cache, compiled: its whole buffer, its filled length a tensor (no int, no graph break)
+        # a static cache, compiled: its whole buffer, its filled length a tensor (no int, no graph break) — a copy,
+        # as the cache counts on in place when the first layer writes. (flash-attn unpads by the mask's last
+        # columns: it takes the int path.)
+        fixed = (slots is not None and torch.compiler.is_compiling()
+                 and self.config._attn_implementation != "flash_attention_2")
+        if fixed:
             past_len, kv_len = cache.get_seq_length(), slots
+            past_len = past_len.clone() if isinstance(past_len, torch.Tensor) else past_len
         else:
             past_len = cached_length(cache) if cache is not None else 0
             kv_len = past_len + q_len
-        self._check_inputs(input_ids, inputs_embeds, attention_mask, batch, kv_len, slots)
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, batch, kv_len, slots, fixed)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
 
-        if fixed:  # unfilled slots are padding, whatever a shorter mask or padding with ones says
+        if fixed:  # unfilled slots are padding, whatever the mask says of them
             filled = torch.arange(slots, device=inputs_embeds.device) < past_len + q_len
             attention_mask = filled[None].expand(batch, -1) if attention_mask is None else (
-                F.pad(attention_mask.bool(), (0, slots - attention_mask.shape[-1])) & filled)
+                attention_mask.bool() & filled)
         elif attention_mask is not None:
             attention_mask = attention_mask[:, :kv_len]  # a static cache's (batch, slots) mask: the filled slots
         padding_mask = None
@@ -286,8 +292,9 @@ class LongCtxForCausalLM(LongCtxPreTrainedModel, GenerationMixin):
         return "attention" in self.config.block_types
 
     def create_masks_for_generate(self, attention_mask=None, cache=None, past_key_values=None, **kwargs):
-        """generate() hook for the caches it may compile with (static, all-LRU): keep the 2D padding mask (the
-        forward builds its masks), padded with zeros to a static cache's length: every step then has one shape."""
+        """generate() hook for the caches it may compile with (static; all-LRU in transformers 5.23): keep the 2D
+        padding mask (the forward builds its masks), padded with zeros to a static cache's length: every step then
+        has one shape."""
         cache = cache if cache is not None else past_key_values
         slots = static_slots(cache) if cache is not None else None
         if attention_mask is not None and attention_mask.dim() == 2 and slots is not None:

@@ -51,6 +51,7 @@ def apply(layer, op, arg, generator, batch=3):
 
 
 @pytest.mark.parametrize("seed", range(6))
+@torch.no_grad()  # (with gradients enabled it concatenates)
 def test_growing_layer_equals_dynamic_layer_and_never_changes_what_it_returned(seed):
     """Same keys and values as DynamicLayer after every operation; every tensor an update returned keeps its values
     (a slot is written once: crops and reorders reallocate rather than overwrite)."""
@@ -67,6 +68,7 @@ def test_growing_layer_equals_dynamic_layer_and_never_changes_what_it_returned(s
     assert all(torch.equal(tensor, copy) for tensor, copy in handed_out)
 
 
+@torch.no_grad()
 def test_growing_layer_writes_steps_in_place_and_grows_geometrically():
     layer, keys = GrowingLayer(), torch.randn(1, 2, 4000, 4)
     layer.update(keys[:, :, :1000], keys[:, :, :1000])
@@ -79,22 +81,52 @@ def test_growing_layer_writes_steps_in_place_and_grows_geometrically():
     assert layer._buffers[0].shape[2] == 5256 + 5256 // 8 and layer.get_seq_length() == 5256
 
 
-def test_growing_layer_concatenates_under_autograd():
-    """The in-place append would break a backward through earlier keys: with gradients it concatenates."""
+def test_growing_layer_concatenates_with_gradients_enabled():
+    """An in-place append would break a backward through earlier keys (their views are saved by the attention even
+    when only the queries need gradients): with gradients enabled it concatenates."""
     layer, keys = GrowingLayer(), torch.randn(1, 2, 5, 4, requires_grad=True)
-    first, _ = layer.update(keys, keys)
+    layer.update(keys, keys)
     second, _ = layer.update(keys * 2, keys)
     second.sum().backward()
     torch.testing.assert_close(keys.grad, torch.full_like(keys, 3.0))
     assert layer._buffers is None
+    query = torch.randn(1, 2, 3, 4, requires_grad=True)
+    frozen = GrowingLayer()  # keys without gradients, a query with them
+    held, _ = frozen.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    scores = query @ held.transpose(-1, -2)
+    frozen.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
+    scores.sum().backward()  # no "modified by an inplace operation"
 
 
+@torch.no_grad()
+def test_growing_layer_fails_or_promotes_as_dynamic_layer_does_and_copies_own_buffers():
+    """New keys that do not extend the held ones (another batch size, dtype) go through DynamicLayer's cat (an error,
+    a promotion), not into a buffer that would broadcast or cast the history; a shallow copy writes its own."""
+    import copy
+
+    for second in (torch.randn(3, 2, 1, 4), torch.randn(1, 2, 1, 4, dtype=torch.float64)):
+        results = []
+        for layer in (GrowingLayer(), DynamicLayer()):
+            layer.update(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
+            try:
+                results.append(layer.update(second, second)[0].dtype)
+            except RuntimeError as err:
+                results.append(type(err))
+        assert results[0] == results[1]
+    original = GrowingLayer()
+    original.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))
+    twin = copy.copy(original)
+    handed_out, _ = original.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4))
+    twin.update(torch.full((1, 2, 1, 4), 2.0), torch.full((1, 2, 1, 4), 2.0))
+    assert handed_out[:, :, 3].eq(1).all() and twin.keys[:, :, 3].eq(2).all()
+
+
+@torch.no_grad()
 def test_inference_mode_buffers_are_not_written_outside_it():
     layer, keys = GrowingLayer(), torch.randn(1, 2, 5, 4)
     with torch.inference_mode():
         layer.update(keys, keys)
-    with torch.no_grad():
-        out, _ = layer.update(keys, keys)  # no "inplace update to inference tensor": copied into new buffers
+    out, _ = layer.update(keys, keys)  # no "inplace update to inference tensor": copied into new buffers
     assert torch.equal(out, torch.cat([keys, keys], dim=2))
 
 

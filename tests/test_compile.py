@@ -195,20 +195,27 @@ def test_static_cache_generate_compiles_to_one_graph_per_shape(variant):
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_compiled_forward_over_a_static_cache_equals_eager(padded):
-    """Called directly (not through generate): a mask of the tokens so far (shorter than the cache) or none; the
-    compiled steps over a StaticCache give the eager logits over a DynamicCache."""
-    model = tiny_model(block_types=["lru", "attention"], lru_state_size=32)
-    ids, mask = left_padded([8, 5] if padded else [8, 8], 8)
-    steps = torch.randint(1, 128, (2, 3), generator=torch.Generator().manual_seed(5))
-    compiled = fresh_compile(model)
-    static = StaticCache(config=model.config, max_cache_len=16)
+    """Called directly (not through generate): chunks of several tokens, then single tokens, through an attention
+    layer and then an LRU layer (which reads its queries' padding after the cache has counted them); the mask of
+    every slot (zeros beyond the tokens so far) or none. Logits equal eager ones over a DynamicCache."""
+    model = tiny_model(block_types=["attention", "lru"], lru_state_size=32)
+    ids, mask = left_padded([14, 9] if padded else [14, 14], 14)
+    compiled, slots = fresh_compile(model), 20
+    static, cache = StaticCache(config=model.config, max_cache_len=slots), None
     with torch.no_grad():
-        eager = model(ids, attention_mask=mask)
-        out = compiled(ids, attention_mask=mask if padded else None, cache=static)
-        torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-5)
-        cache = eager.cache if hasattr(eager, "cache") else eager.past_key_values
-        for step in range(steps.shape[1]):
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-            eager = model(steps[:, step:step + 1], attention_mask=mask, cache=cache)
-            out = compiled(steps[:, step:step + 1], attention_mask=mask if padded else None, cache=static)
+        for start, end in ((0, 5), (5, 8), (8, 11), (11, 12), (12, 13), (13, 14)):
+            eager = model(ids[:, start:end], attention_mask=mask[:, :end], cache=cache, use_cache=True)
+            cache = eager.cache if hasattr(eager, "cache") else eager.past_key_values
+            slot_mask = torch.nn.functional.pad(mask[:, :end], (0, slots - end)) if padded else None
+            out = compiled(ids[:, start:end], attention_mask=slot_mask, cache=static)
             torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_forward_over_a_static_cache_refuses_a_mask_of_other_width():
+    """The tokens so far are a tensor under compile: a mask narrower than the cache cannot be checked against
+    them, so it is refused (eagerly, (batch, past + new tokens) is checked and accepted)."""
+    model = tiny_model()
+    static = StaticCache(config=model.config, max_cache_len=16)
+    ids = torch.randint(1, 128, (1, 4))
+    with pytest.raises(Exception, match=r"every cache slot, \(1, 16\)"):
+        fresh_compile(model)(ids, attention_mask=torch.ones(1, 4, dtype=torch.long), cache=static)

@@ -209,10 +209,15 @@ def test_progress_bars_are_hidden_within_the_block_and_restored_after():
 
     from longctx.data import progress_bars
 
-    before = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    def shown():
+        return datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+
+    before = shown()
     with progress_bars(False):
-        assert not datasets.is_progress_bar_enabled() and not hf_logging.is_progress_bar_enabled()
-        with progress_bars(True):
-            assert datasets.is_progress_bar_enabled() and hf_logging.is_progress_bar_enabled()
-        assert not datasets.is_progress_bar_enabled() and not hf_logging.is_progress_bar_enabled()
-    assert (datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()) == before
+        assert shown() == (False, False)
+        with progress_bars(True):  # leaves them as they are: hidden stays hidden
+            assert shown() == (False, False)
+        assert shown() == (False, False)
+    assert shown() == before
+    with progress_bars(True):
+        assert shown() == before

@@ -364,7 +364,7 @@ def test_cli_overrides_are_parsed_as_yaml():
         "resume": True, "max_steps": 3}
     config = train.apply_overrides(train.load_preset("tiny"), {"model.logn_scaling": "trained", "lr": 1e-3})
     assert config["model"]["logn_scaling"] == "trained" and config["model"]["hidden_size"] == 128
-    for bare in ("--seq_len", "--grad-clip", "--seed"):  # a value forgotten is not read as `true`
+    for bare in ("--seq_len", "--grad-clip", "--seed", "--init-from"):  # a value forgotten is not read as `true`
         with pytest.raises(train.ConfigError, match=f"{bare} needs a value"):
             parse_overrides([bare, "--resume"])
     assert parse_overrides(["--overwrite", "--lora"]) == {"overwrite": True, "lora": True}

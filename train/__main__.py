@@ -11,6 +11,9 @@ import sys
 from .config import DEFAULTS, PRESETS, ConfigError, apply_overrides, load_preset, parse_value
 
 
+FLAGS = {key for key, value in DEFAULTS.items() if isinstance(value, bool)} | {"lora"}  # `--lora`: its defaults
+
+
 def parse_overrides(tokens: list[str]) -> dict:
     """`--key value`, `--key=value` and bare `--flag` (= true, for the keys that can be true) into {key: value}."""
     overrides, i = {}, 0
@@ -19,15 +22,16 @@ def parse_overrides(tokens: list[str]) -> dict:
         if not token.startswith("--") or token == "--":
             raise ConfigError(f"unexpected argument {token!r}; overrides look like --key value")
         key, has_value, value = token[2:].partition("=")
+        name = key.replace("-", "_")
         if not has_value:
             if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
                 value, i = tokens[i + 1], i + 1
-            elif not isinstance(default := DEFAULTS.get(key.replace("-", "_")), bool | None):
-                raise ConfigError(f"--{key} needs a value (e.g. --{key} {default}); only true/false keys can be "
-                                  "given bare")
+            elif name in DEFAULTS and name not in FLAGS:
+                example = f" (e.g. --{key} {DEFAULTS[name]})" if DEFAULTS[name] is not None else ""
+                raise ConfigError(f"--{key} needs a value{example}; only true/false keys can be given bare")
             else:
                 value = "true"
-        overrides[key.replace("-", "_")] = parse_value(value)
+        overrides[name] = parse_value(value)
         i += 1
     return overrides
 

@@ -130,6 +130,20 @@ def test_generate_with_cache_equals_without():
     assert torch.equal(model.generate(ids, **kwargs), model.generate(ids, use_cache=False, **kwargs))
 
 
+def test_a_static_cache_is_refused_with_the_reason():
+    """Keys before RoPE need a growing cache: a StaticCache is refused saying so, and a cache filled under a scheme
+    that caches keys after RoPE is refused saying that."""
+    model = tiny_model(rope_parameters=dict(RE_ROPE, rope_theta=10000.0))
+    ids = torch.randint(1, 128, (1, 6))
+    with pytest.raises(ValueError, match="which a StaticLayer .* cannot hold: pass a DynamicCache"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="static")
+    plain = tiny_model()
+    with torch.no_grad():
+        cache = output_cache(plain(ids, use_cache=True))
+        with pytest.raises(ValueError, match="holds 6 keys after RoPE"):
+            model(ids, cache=cache)
+
+
 def test_limits_reduce_to_plain_rope():
     """A window beyond every distance is plain RoPE; Leaky ReRoPE with k = 1 is plain RoPE for any window."""
     ids = torch.randint(0, 128, (2, 60))

@@ -8,11 +8,12 @@ import shutil
 
 import pytest
 import torch
-
-from conftest import left_padded, tiny_model
 from transformers import StaticCache
 
+from conftest import left_padded, tiny_model
+
 import longctx  # noqa: F401 - registers the custom operators torch.ops.longctx.*
+from longctx.modeling_longctx import output_cache
 from longctx.rope import set_rope
 
 VARIANTS = {
@@ -205,7 +206,7 @@ def test_compiled_forward_over_a_static_cache_equals_eager(padded):
     with torch.no_grad():
         for start, end in ((0, 5), (5, 8), (8, 11), (11, 12), (12, 13), (13, 14)):
             eager = model(ids[:, start:end], attention_mask=mask[:, :end], cache=cache, use_cache=True)
-            cache = eager.cache if hasattr(eager, "cache") else eager.past_key_values
+            cache = output_cache(eager)
             slot_mask = torch.nn.functional.pad(mask[:, :end], (0, slots - end)) if padded else None
             out = compiled(ids[:, start:end], attention_mask=slot_mask, cache=static)
             torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-5)

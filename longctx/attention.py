@@ -58,7 +58,7 @@ class AttentionMask:
         if self.padding_mask is None:
             return None
         if self.query_start is None:
-            return self.padding_mask[:, self.kv_len - self.q_len:]
+            return self.padding_mask[:, self.past:]
         return self.padding_mask.index_select(1, self.query_slots(self.padding_mask.device))
 
     def dense(self, device) -> torch.Tensor:
@@ -74,7 +74,7 @@ class AttentionMask:
     def hide_(self, scores, start, end) -> torch.Tensor:
         """Set the scores (b, h, end − start, past + end) of query rows [start, end) that the mask hides to the
         dtype's minimum, in place; without padding only the causal triangle over keys [past + start, past + end)."""
-        low, past, rows = torch.finfo(scores.dtype).min, self.kv_len - self.q_len, end - start
+        low, past, rows = torch.finfo(scores.dtype).min, self.past, end - start
         if self.padding_mask is None:
             ahead = torch.ones(rows, rows, dtype=torch.bool, device=scores.device).triu(1)  # key after its query
             scores[..., past + start:].masked_fill_(ahead, low)
@@ -121,7 +121,7 @@ class AttentionMask:
         counts = self.padding_mask.to(device).long().cumsum(-1)
         if self.query_start is not None:
             return counts.index_select(1, self.query_slots(device)).clamp(min=1)
-        return counts[:, self.kv_len - self.q_len:].clamp(min=1)
+        return counts[:, self.past:].clamp(min=1)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -155,7 +155,7 @@ def softmax_values(scores, value, dropout):
 def blockwise_attention(score_block, value, mask: AttentionMask, spans, dropout):
     """softmax(scores) v for each span [start, end) of query rows; `score_block(start, end, key_end)` returns the
     scaled scores (b, h, rows, key_end) of those rows against the keys they can reach (causal: past + end)."""
-    past, out = mask.kv_len - mask.q_len, None
+    past, out = mask.past, None
     for start, end in spans:
         scores = mask.hide_(score_block(start, end, past + end), start, end)
         part = softmax_values(scores, value[:, :, : past + end], dropout)
@@ -239,7 +239,7 @@ def masked_row_blocks(query, key, value, mask: AttentionMask, scaling, dropout, 
     padding with holes — as one SDPA call per block of query rows: each block's (rows × reachable keys) mask, not
     the whole (q_len × kv_len) one, and no keys after its last row. Each block is the same problem one size down:
     its rows are the last of the keys it sees."""
-    past = mask.kv_len - mask.q_len
+    past = mask.past
     out = query.new_empty(query.shape[0], mask.q_len, query.shape[1], value.shape[-1])
     for start, end in row_spans(mask.q_len, rows):
         padding = None if mask.padding_mask is None else mask.padding_mask[:, : past + end]
@@ -360,7 +360,7 @@ def rerope_band_attention(query, key, value, q_pos, k_pos, mask, scaling, dropou
     serves them, and only the band [lo, past + end) — the window, a strip of width < rows where a2 takes over, and
     the causal diagonal — needs a1 scores: one score matrix plus a band, memory O(rows × keys) (methods.md §8)."""
     q1, k1, q2, k2 = rerope_operands(query * scaling, key, q_pos, k_pos, inv_freq, rope)
-    window, past, q_len = rope["rerope_window"], mask.kv_len - mask.q_len, mask.q_len
+    window, past, q_len = rope["rerope_window"], mask.past, mask.q_len
     real_keys = None if mask.padding_mask is None else mask.padding_mask.to(query.device)
     if real_keys is not None:  # a query with no real key at or before it sees its causal keys, as in `mask.rows`
         sighted = (real_keys.cumsum(-1) > 0)[:, past:]

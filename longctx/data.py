@@ -217,16 +217,18 @@ def progress_bars(enabled=True):
     import datasets
     from transformers.utils import logging as hf_logging
 
+    if enabled:
+        yield
+        return
     datasets_on, hf_on = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
-    if not enabled:
-        datasets.disable_progress_bars()
-        hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        if not enabled and datasets_on:
+        if datasets_on:
             datasets.enable_progress_bars()
-        if not enabled and hf_on:
+        if hf_on:
             hf_logging.enable_progress_bar()
 
 

@@ -23,6 +23,11 @@ PIPELINE_MODEL_FIELDS = {"vocab_size": "the tokenizer", "bos_token_id": "the tok
                          "layer_types": "block_types", "use_cache": "the pipeline"}
 # With init_from, the architecture is the source model's; these model fields may still change (length extension).
 EXTENSION_MODEL_FIELDS = ("rope_parameters", "logn_scaling", "attention_dropout")
+
+
+def extension_fields(model: dict) -> dict:
+    """The `model` fields an init_from run may change (and records): `EXTENSION_MODEL_FIELDS`."""
+    return {k: v for k, v in model.items() if k in EXTENSION_MODEL_FIELDS}
 LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 # Every key, its default, and what it means (README "Training" lists the same).

@@ -30,7 +30,7 @@ from .checkpoint import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
-from .config import EXTENSION_MODEL_FIELDS, ConfigError, compile_backend, resolve_config
+from .config import ConfigError, compile_backend, extension_fields, resolve_config
 
 # Keys that may differ when resuming (they change the schedule's length or the bookkeeping, not what a step does).
 RESUMABLE_CHANGES = ("max_steps", "eval_every", "eval_windows", "save_every", "keep_last", "progress", "resume",
@@ -50,8 +50,8 @@ def prepare_out_dir(config, accelerator):
     if config["resume"] and saved_config.is_file():
         with open(saved_config, encoding="utf-8") as f:
             previous = yaml.safe_load(f)
-        if previous.get("init_from") is not None and isinstance(previous.get("model"), dict):  # runs recorded
-            previous["model"] = {k: v for k, v in previous["model"].items() if k in EXTENSION_MODEL_FIELDS}  # whole
+        if previous.get("init_from") is not None and isinstance(previous.get("model"), dict):
+            previous["model"] = extension_fields(previous["model"])  # older runs recorded the whole section
         changed = sorted(k for k in set(previous) | set(config)
                          if k not in RESUMABLE_CHANGES and previous.get(k) != config.get(k))
         if changed:
@@ -143,7 +143,7 @@ def build_model(config, tokenizer):
     if len(tokenizer) > model.config.vocab_size:
         raise ConfigError(f"init_from: the tokenizer has {len(tokenizer)} tokens, the model only "
                           f"{model.config.vocab_size}")
-    new = {k: v for k, v in config["model"].items() if k in EXTENSION_MODEL_FIELDS}
+    new = extension_fields(config["model"])
     ignored = {k: v for k, v in config["model"].items() if k not in new and getattr(model.config, k, v) != v}
     if ignored:
         print(f"init_from: the architecture is {config['init_from']}'s; ignoring " +
@@ -278,7 +278,7 @@ def _train(config):
         tokenizer = get_tokenizer(config, splits["train"], out_dir)
         model = build_model(config, tokenizer)
         # what the run records: the fields that changed the source, whose architecture the saved model holds
-        config["model"] = {k: v for k, v in config["model"].items() if k in EXTENSION_MODEL_FIELDS}
+        config["model"] = extension_fields(config["model"])
     resume_from = prepare_out_dir(config, accelerator)
 
     # data: whole-document split (above), tokenizer from the train split (or the source's), fixed-length windows

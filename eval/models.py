@@ -57,9 +57,7 @@ def default_model_dir(log=print, progress=True) -> Path:
         log(f"No cached default model at {target}: training the '{DEFAULT_PRESET}' preset (once; a few minutes on "
             "CPU).")
         with tempfile.TemporaryDirectory(dir=root, prefix=".default-training-") as work:
-            config = load_preset(DEFAULT_PRESET)
-            config["out_dir"] = str(Path(work) / "run")
-            config["progress"] = progress
+            config = load_preset(DEFAULT_PRESET, {"out_dir": str(Path(work) / "run"), "progress": progress})
             staged = Path(work) / "model"
             shutil.copytree(run_training(config), staged)
             _copy_training_config(config, staged)

@@ -181,16 +181,17 @@ def update_keys_after_rope(cache, layer_idx, key, value, kv_len, scheme=None):
         raise ValueError(
             f"Layer {layer_idx} of the given cache holds keys before RoPE (filled under rope_type dynamic/rerope/"
             "leaky-rerope); this rope_type caches keys after RoPE. Start a new cache after `set_rope`.")
-    held = getattr(layer, "longctx_scheme", None)
-    if (scheme is not None and held is not None and held != scheme and not torch.compiler.is_compiling()
-            and _holds_keys(layer)):
+    # A compiled forward passes no scheme and neither reads nor writes the stamp (dynamo would guard on its value and
+    # recompile whenever an eager prefill had stamped the layer); its keys stay under the stamp of the eager ones.
+    held = getattr(layer, "longctx_scheme", None) if scheme is not None else None
+    if held is not None and held != scheme and _holds_keys(layer):
         raise ValueError(
             f"Layer {layer_idx} of the given cache holds keys rotated under rope_parameters {held}, but the model now "
             f"uses {scheme} (`set_rope` switched it): those keys would be wrong. Start a new cache (or "
             "`cache.reset()`).")
     keys, values = cache.update(key, value, layer_idx)
-    # compiled forwards pass no scheme: their keys are unchecked and leave the layer unstamped (no stale stamp)
-    cache.layers[layer_idx].longctx_scheme = scheme
+    if scheme is not None:
+        cache.layers[layer_idx].longctx_scheme = scheme
     return keys[:, :, :kv_len], values[:, :, :kv_len]
 
 

@@ -14,14 +14,18 @@ import torch.nn.functional as F
 LOGITS_CHUNK_BYTES = 2**25  # float32 logits per chunk (32 MiB; at least 256 tokens): BENCHMARKS.md, "Loss"
 
 
-def shift_labels(labels):
-    """Labels for next-token prediction, flattened: position t is scored on token t+1, the last on nothing (-100)."""
+def next_token_targets(labels, shift_labels=None):
+    """The target of each position, flattened: `shift_labels` as given (already shifted: a context-parallel shard
+    cannot shift across its boundary, so accelerate passes them), else `labels` shifted — position t is scored on
+    token t+1, the last on nothing (-100). transformers' `ForCausalLMLoss` convention."""
+    if shift_labels is not None:
+        return shift_labels.reshape(-1)
     return F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)
 
 
-def causal_lm_loss(logits, labels, num_items_in_batch=None):
+def causal_lm_loss(logits, labels, num_items_in_batch=None, shift_labels=None):
     """Reference: next-token cross-entropy over materialised logits, label -100 ignored, mean over scored tokens."""
-    labels = shift_labels(labels.to(logits.device))
+    labels = next_token_targets(labels, shift_labels).to(logits.device)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels, ignore_index=-100, reduction="sum")
     return loss / (num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum())
 
@@ -81,8 +85,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return scale[0], scale[1], None, None
 
 
-def linear_cross_entropy(hidden_states, weight, labels, num_items_in_batch=None, chunk_size=None):
-    """`causal_lm_loss(hidden_states @ weightᵀ, labels)` without materialising the logits (module docstring).
+def linear_cross_entropy(hidden_states, weight, labels, num_items_in_batch=None, chunk_size=None, shift_labels=None):
+    """`causal_lm_loss(hidden_states @ weightᵀ, labels, shift_labels=...)` without materialising the logits (module
+    docstring).
 
     `hidden_states` (batch, seq, hidden); `weight` (vocab, hidden); under autocast both are cast to its dtype first,
     as `F.linear` would be. Differentiable in `hidden_states` and `weight`."""
@@ -90,7 +95,7 @@ def linear_cross_entropy(hidden_states, weight, labels, num_items_in_batch=None,
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)
         hidden_states, weight = hidden_states.to(dtype), weight.to(dtype)
-    targets = shift_labels(labels.to(device))
+    targets = next_token_targets(labels, shift_labels).to(device)
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
     chunk = logits_chunk_size(weight.shape[0], chunk_size)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
@@ -119,4 +124,4 @@ def token_scores(hidden, weight, targets, chunk_size=None):
     return nll, correct
 
 
-__all__ = ["causal_lm_loss", "linear_cross_entropy", "logits_chunk_size", "shift_labels", "token_scores"]
+__all__ = ["causal_lm_loss", "linear_cross_entropy", "logits_chunk_size", "next_token_targets", "token_scores"]

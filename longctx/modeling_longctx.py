@@ -5,7 +5,10 @@ Parameter names follow Llama, so Llama state dicts and PEFT's default LoRA targe
 Imports stay relative: `save_pretrained` copies these files into every checkpoint for `trust_remote_code`.
 """
 
+import importlib.abc
+import importlib.util
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +132,9 @@ class LongCtxPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = False
+    # generate(cache_implementation="static") compiles with fullgraph=True to one graph per shape (tests/test_compile);
+    # dynamic NTK alone breaks the graph (its tables depend on the positions' values) and stays exact.
+    _can_compile_fullgraph = True
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -274,6 +280,10 @@ class LongCtxForCausalLM(LongCtxPreTrainedModel, GenerationMixin):
     """`LongCtxModel` + output head (optionally tied, with the tied-embedding modes of methods.md §12)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # tensor parallelism (`from_pretrained(..., tp_plan="auto")`), as Llama: the head sharded by vocabulary, its
+    # logits gathered; with tied embeddings this shards the shared weight once for both uses
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: LongCtxConfig):
         super().__init__(config)
@@ -307,6 +317,12 @@ class LongCtxForCausalLM(LongCtxPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
 
+    def output_weight(self):
+        """The output embedding (vocab, hidden) as one plain tensor for the fused loss and scoring: under tensor
+        parallelism it is a vocabulary-sharded DTensor, gathered here (differentiably: gradients reach the shards)."""
+        weight = self.lm_head.weight
+        return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+
     def output_hidden(self, hidden_states):
         """What the (tied) output embedding sees: the normed hidden state, projected or half-swapped."""
         mode = self.config.tied_embedding_mode if self.config.tie_word_embeddings else "plain"
@@ -333,13 +349,14 @@ class LongCtxForCausalLM(LongCtxPreTrainedModel, GenerationMixin):
         if skip_logits and labels is None:
             raise ValueError("skip_logits=True needs `labels`: without logits the loss is the only output.")
         logits = loss = None
+        loss_kwargs = {key: kwargs.get(key) for key in ("num_items_in_batch", "shift_labels")}  # transformers' names
         if skip_logits:
-            loss = linear_cross_entropy(hidden_states, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"))
+            loss = linear_cross_entropy(hidden_states, self.output_weight(), labels, **loss_kwargs)
         else:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden_states[:, keep])
             if labels is not None:
-                loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch"))
+                loss = causal_lm_loss(logits, labels, **loss_kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: output_cache(outputs)},
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
@@ -353,10 +370,45 @@ class LongCtxForCausalLM(LongCtxPreTrainedModel, GenerationMixin):
                                                output_attentions=False, output_hidden_states=False
                                                ).last_hidden_state)
         batch, steps = input_ids.shape[0], input_ids.shape[1] - 1
-        nll, correct = token_scores(hidden[:, :-1].reshape(batch * steps, -1), self.lm_head.weight,
+        nll, correct = token_scores(hidden[:, :-1].reshape(batch * steps, -1), self.output_weight(),
                                     input_ids[:, 1:].reshape(-1), chunk_size)
         return nll.view(batch, steps), correct.view(batch, steps)
 
+
+def register_peft_defaults(constants):
+    """PEFT picks an adapter's default `target_modules` by `model_type` from tables in `peft.utils.constants`;
+    longctx's modules carry Llama's names, so "longctx" gets Llama's entry in each table (LoRA: q_proj, v_proj —
+    the attention layers of a hybrid stack; an all-LRU stack has none, and PEFT says so)."""
+    for table in vars(constants).values():
+        if isinstance(table, dict) and "llama" in table:
+            table.setdefault("longctx", table["llama"])
+
+
+class _AfterPeftImport(importlib.abc.MetaPathFinder):
+    """Calls `register_peft_defaults` once peft's constants are imported, when peft comes after this module."""
+
+    name = "peft.utils.constants"
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # once; and the lookup below must not find this finder again
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            run = spec.loader.exec_module
+
+            def exec_module(module):
+                run(module)
+                register_peft_defaults(module)
+
+            spec.loader.exec_module = exec_module  # this spec's own loader object
+        return spec
+
+
+if _AfterPeftImport.name in sys.modules:
+    register_peft_defaults(sys.modules[_AfterPeftImport.name])
+elif not any(type(finder).__name__ == _AfterPeftImport.__name__ for finder in sys.meta_path):
+    sys.meta_path.insert(0, _AfterPeftImport())
 
 LongCtxConfig.register_for_auto_class()
 LongCtxModel.register_for_auto_class("AutoModel")

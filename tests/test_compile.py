@@ -194,6 +194,29 @@ def test_static_cache_generate_compiles_to_one_graph_per_shape(variant):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
+@pytest.mark.parametrize("variant", STATIC_VARIANTS)
+def test_generates_own_compiled_static_cache_decoding_compiles_once_across_calls(variant):
+    """transformers' own recipe — generate() compiles the decoding step itself (`compile_config`; on CUDA by default,
+    here forced onto the CPU as transformers' tests do) after an eager prefill — gives eager decoding's tokens from
+    one graph over three generate() calls: nothing the eager prefill leaves on the cache is guarded on."""
+    from transformers import CompileConfig
+
+    overrides = dict(STATIC_VARIANTS[variant])
+    model = tiny_model(**overrides)
+    assert type(model)._can_compile_fullgraph
+    ids, mask = left_padded([12, 9], 12)
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = tiny_model(**overrides).generate(ids, **kwargs)
+    compile_config = CompileConfig(backend="aot_eager", mode=None, fullgraph=True)
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for _ in range(3):
+        out = model.generate(ids, cache_implementation="static", compile_config=compile_config, **kwargs)
+        assert torch.equal(out, expected)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # the decoding step, compiled once
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_compiled_forward_over_a_static_cache_equals_eager(padded):
     """Called directly (not through generate): chunks of several tokens, then single tokens, through an attention

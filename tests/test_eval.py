@@ -330,6 +330,10 @@ def test_default_model_is_trained_once_and_moved_into_place(standin, tmp_path, m
     monkeypatch.setattr(train, "run_training", fake_training)
     monkeypatch.setattr(models, "_copy_training_config", lambda config, staged: (staged / models.TRAIN_CONFIG)
                         .write_text("corpus: shakespeare\nsplit_seed: 3\n"))
+    cwd = tmp_path / "cwd"  # where `runs/` cannot be made (the image's root-owned workdir): the default trains anyway
+    cwd.mkdir()
+    (cwd / "runs").write_text("a file, not a directory")
+    monkeypatch.chdir(cwd)
     stale = tmp_path / "cache" / ".default-training-killed"  # what a run killed mid-training leaves
     (stale / "run").mkdir(parents=True)
     first = models.default_model_dir(log=lambda m: None)

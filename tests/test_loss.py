@@ -104,3 +104,29 @@ def test_training_step_with_chunked_loss_matches_reference_gradients():
     F.cross_entropy(model(ids, skip_logits=False).logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1)).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(chunked[n], p.grad, atol=1e-6, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("skip_logits", [False, True])
+def test_shift_labels_are_used_as_given_by_both_loss_paths_as_in_llama(skip_logits):
+    """`shift_labels` (already shifted targets, what context-parallel shards pass) replace the shift of `labels`,
+    in the fused and the reference loss, exactly as transformers' Llama computes it (same weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(**tiny_config_kwargs())).eval()
+    model = LongCtxForCausalLM(LongCtxConfig(**tiny_config_kwargs())).eval()
+    model.load_state_dict(llama.state_dict())
+    ids = torch.randint(0, 128, (2, 30))
+    shifted = torch.randint(0, 128, (2, 30))
+    shifted[0, 5:9] = -100
+    with torch.no_grad():
+        expected = llama(ids, labels=ids, shift_labels=shifted).loss
+        got = model(ids, labels=ids, shift_labels=shifted, skip_logits=skip_logits).loss
+        plain = model(ids, labels=ids, skip_logits=skip_logits).loss
+        written_out = F.cross_entropy(llama(ids).logits.reshape(-1, 128), shifted.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got, written_out)
+    assert not torch.allclose(got, plain)  # the shift of `labels` is not what was scored
+    with torch.no_grad():
+        items = model(ids, labels=ids, shift_labels=shifted, skip_logits=skip_logits, num_items_in_batch=7).loss
+    torch.testing.assert_close(items, llama(ids, labels=ids, shift_labels=shifted, num_items_in_batch=7).loss)

@@ -8,7 +8,7 @@ Any config key can be overridden: `--lr 1e-3`, `--init-from runs/tiny/model`, `-
 import argparse
 import sys
 
-from .config import DEFAULTS, PRESETS, ConfigError, apply_overrides, load_preset, parse_value
+from .config import DEFAULTS, PRESETS, ConfigError, load_preset, parse_value
 
 
 FLAGS = {key for key, value in DEFAULTS.items() if isinstance(value, bool)} | {"lora"}  # `--lora`: its defaults
@@ -46,8 +46,7 @@ def main(argv=None) -> int:
     from .loop import NonFiniteLossError, run_training
 
     try:
-        config = load_preset(args.config)
-        config = apply_overrides(config, parse_overrides(rest))
+        config = load_preset(args.config, parse_overrides(rest))
         model_dir = run_training(config)
     except (ConfigError, FileNotFoundError) as err:
         print(f"python -m train: error: {err}", file=sys.stderr)

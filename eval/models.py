@@ -110,7 +110,7 @@ def load_directory(directory, dtype=torch.float32, device="cpu"):
     tokenizer = load_tokenizer(directory)  # first: a directory without one fails before the weights load
     model_type = json.loads(config_path.read_text()).get("model_type")
     if model_type == "longctx":
-        model = LongCtxForCausalLM.from_pretrained(directory, dtype=dtype)
+        model = LongCtxForCausalLM.from_pretrained(directory, dtype=dtype, use_safetensors=True)
     elif model_type == "llama":
         model = from_llama(directory).to(dtype)
     else:
@@ -150,4 +150,4 @@ def load_model(spec: str, dtype=torch.float32, device="cpu", log=print, progress
 
 
 def _model_files(directory: Path):
-    return [p for p in Path(directory).iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin")]
+    return [p for p in Path(directory).iterdir() if p.name == "config.json" or p.suffix == ".safetensors"]

@@ -452,7 +452,7 @@ def attention_before_rope(config, implementation, query, key, value, q_pos, k_po
 def check_attn_implementation(name, device=None):
     """Raise a clear error for an unknown backend, or flash-attn where it cannot run."""
     if name not in ATTENTION_FUNCTIONS:
-        raise ValueError(f"attn_implementation={name!r} is not supported; "
+        raise ValueError(f'Specified `attn_implementation="{name}"` is not supported by longctx; '  # (HF's wording)
                          f"choose one of {', '.join(ATTENTION_FUNCTIONS)}.")
     if name == "flash_attention_2":
         try:

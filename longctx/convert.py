@@ -30,7 +30,7 @@ def load_llama(src, dtype=None):
                                                 dtype=dtype or torch.float32)
     if not os.path.isdir(src):
         raise FileNotFoundError(f"{src} is neither a model directory nor a .gguf file")
-    return LlamaForCausalLM.from_pretrained(src, dtype=dtype or "auto")
+    return LlamaForCausalLM.from_pretrained(src, dtype=dtype or "auto", use_safetensors=True)
 
 
 def llama_to_longctx_config(llama_config, **config_overrides) -> LongCtxConfig:

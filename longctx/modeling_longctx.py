@@ -9,6 +9,7 @@ import importlib.abc
 import importlib.util
 import math
 import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +111,9 @@ def resolve_cache(cache, past_key_values):
     """The cache a caller passed, under either name (`cache`, transformers >= 5.24; `past_key_values`, before)."""
     if cache is not None and past_key_values is not None:
         raise ValueError("Pass the KV cache as `cache` or as `past_key_values`, not both.")
+    if past_key_values is not None and CACHE_FIELD == "cache" and not torch.compiler.is_compiling():
+        warnings.warn("`past_key_values` is deprecated (transformers >= 5.24 renamed it); use `cache` instead.",
+                      FutureWarning, stacklevel=3)  # as transformers' own models say it
     return cache if cache is not None else past_key_values
 
 
@@ -254,7 +258,7 @@ class LongCtxModel(LongCtxPreTrainedModel):
                 position_ids = counts.index_select(1, mask.query_slots(counts.device)).clamp(min=0)
             else:
                 position_ids = mask.query_slots(inputs_embeds.device)[None].expand(batch, -1)
-        position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         query_scale = logn_query_scale(self.config, position_ids, mask)
 
         config = self.config

@@ -188,10 +188,11 @@ class LongCtxRotaryEmbedding(nn.Module):
         return self._cache[key]
 
     @torch.no_grad()
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        """position_ids (batch, seq) -> cos, sin (batch, seq, head_dim), computed in float32, cast to `dtype`."""
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        """HF's rotary interface: position_ids (batch, seq) -> cos, sin (batch, seq, head_dim), computed in float32,
+        in x's dtype (x is read for its dtype only)."""
         inv_freq, scaling = self.inv_freq(position_ids.device)
-        return rotary_cos_sin(position_ids, inv_freq, dtype, scaling)
+        return rotary_cos_sin(position_ids, inv_freq, x.dtype, scaling)
 
 
 def rotary_cos_sin(positions, inv_freq, dtype, scaling=1.0):

@@ -2,6 +2,7 @@
 command that runs the sweep on the embedded default into the mounted /results."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -81,3 +82,42 @@ def test_copied_sources_exist_and_build_context_skips_local_state():
                 assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", "results", ".git"} <= set(ignored)
+
+
+CONTAINER_TOOL = ROOT.parent / "shared" / "tools" / "container"  # podman stand-in for docker (this workplace)
+
+
+def container_tool():
+    """The tool that builds and runs ./Dockerfile here (podman, a local base image, torch from a local index)."""
+    tool = Path(os.environ.get("LONGCTX_CONTAINER_TOOL", CONTAINER_TOOL))
+    if not tool.is_file():
+        pytest.skip(f"no container tool at {tool} (set LONGCTX_CONTAINER_TOOL): the image cannot be built here")
+    if shutil.which("podman") is None:
+        pytest.skip(f"podman is not installed: run `{tool} setup` once (installs podman, runc and the base image)")
+    return str(tool)
+
+
+@pytest.mark.slow
+def test_cpu_image_trains_the_default_once_and_leaves_every_report_in_the_mounted_folder(tmp_path):
+    """Built and run for real: the sweep on the default model (trained in the container on the first run, cached in
+    the mounted folder, reused by the second), the table printed, CSV/JSON/MD/PNG written there as the run's user."""
+    tool = container_tool()
+    build = subprocess.run([tool, "build", "longctx:test"], cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    results = tmp_path / "results"
+    sweep = ["python", "-m", "eval.extrapolation", "--model", "default", "--lengths", "1x", "2x", "--variants",
+             "baseline", "rerope", "--max-tokens", "512", "--no-progress", "--output-dir", "/results"]
+    runs = []
+    for _ in range(2):
+        run = subprocess.run([tool, "run", "longctx:test", str(results), *sweep], capture_output=True, text=True,
+                             timeout=3600)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        runs.append(run.stdout + run.stderr)
+    assert "training the 'tiny' preset" in runs[0] and "training" not in runs[1]  # cached in the mounted folder
+    assert "plain set, chunked: perplexity" in runs[1] and "rerope" in runs[1]
+    report = results / "default"
+    for suffix in ("csv", "json", "md", "png"):
+        path = report / f"extrapolation.{suffix}"
+        assert path.is_file() and path.stat().st_uid == 1000, path  # the uid the container ran as
+    rows = json.loads((report / "extrapolation.json").read_text())["rows"]
+    assert {(r["variant"], r["length"]) for r in rows} >= {("baseline", 256), ("rerope", 512)}

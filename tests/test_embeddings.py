@@ -40,7 +40,7 @@ def test_qk_bias_is_added_before_rope_and_gives_a_relative_position_term():
         layer.k_proj.bias[:d] = sandwich
         hidden = torch.randn(1, length, config.hidden_size)
         positions = torch.arange(length)[None]
-        got, _ = layer(hidden, model.model.rotary_emb(positions, hidden.dtype), AttentionMask(length, length),
+        got, _ = layer(hidden, model.model.rotary_emb(hidden, positions), AttentionMask(length, length),
                     position_ids=positions)
 
         theta = compute_inv_freq(config)[0].double()

@@ -420,3 +420,20 @@ def test_make_demo_command_on_the_real_default_model(tmp_path):
     assert {r["variant"] for r in rows} == set(VARIANTS)
     baseline = {(r["length"], r["set"]): r for r in rows if r["variant"] == "baseline"}
     assert baseline[(256, "plain")]["perplexity"] < baseline[(4096, "plain")]["perplexity"]  # RoPE fails to extrapolate
+
+
+def test_reports_are_written_atomically_with_the_permissions_open_gives(tmp_path):
+    """Not mkstemp's owner-only 0600: a results folder shared with others (or mounted from a container) stays
+    readable as any file the user writes."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        report.atomic_write(tmp_path / "table.md", "| a |\n")
+        with open(tmp_path / "plain.md", "w") as f:
+            f.write("| a |\n")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "table.md").read_text() == "| a |\n"
+    assert (tmp_path / "table.md").stat().st_mode & 0o777 == (tmp_path / "plain.md").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left

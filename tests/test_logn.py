@@ -50,7 +50,7 @@ def test_logn_equals_explicit_computation_with_padding(mode, attn):
     with torch.no_grad():
         expected = explicit_logn_attention(layer, model.config, hidden, positions, mask, mode)
         rotary = model.model.rotary_emb
-        got, _ = layer(hidden, rotary(positions, hidden.dtype), attention_mask,
+        got, _ = layer(hidden, rotary(hidden, positions), attention_mask,
                     logn_query_scale(model.config, positions, attention_mask), position_ids=positions, rotary=rotary)
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)

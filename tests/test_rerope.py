@@ -56,7 +56,7 @@ def test_attention_equals_su_formula_with_padding(rope, attn, monkeypatch):
     hidden = torch.randn(2, 40, 64)
     with torch.no_grad():
         expected = su_reference(layer, config, hidden, positions, mask)
-        got, _ = layer(hidden, model.model.rotary_emb(positions, hidden.dtype), AttentionMask(40, 40, mask.bool()),
+        got, _ = layer(hidden, model.model.rotary_emb(hidden, positions), AttentionMask(40, 40, mask.bool()),
                     position_ids=positions, rotary=model.model.rotary_emb)
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)

@@ -208,7 +208,7 @@ def test_dynamic_attention_uses_each_query_own_table():
             probs = torch.softmax((kj @ qi[..., None]).squeeze(-1) / 4.0, dim=-1)
             expected[b, i] = (probs[:, None, :] @ v[b][:, keys]).squeeze(1)
         expected = layer.o_proj(expected.reshape(2, 150, 64))
-        got, _ = layer(hidden, model.model.rotary_emb(positions, hidden.dtype),
+        got, _ = layer(hidden, model.model.rotary_emb(hidden, positions),
                     attention.AttentionMask(150, 150, mask.bool()), position_ids=positions,
                     rotary=model.model.rotary_emb)
     real = mask.bool()

@@ -252,6 +252,63 @@ def test_resume_in_process_with_tied_embeddings(tmp_path, corpus):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
+class _Planted:
+    """A pickle that, when loaded, writes a file: what a shared checkpoint could carry instead."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path(self.marker).write_text, ("code ran",))
+
+
+def plant_pickles(state_dir, marker):
+    import pickle
+
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.pt"):
+        (state_dir / name).write_bytes(pickle.dumps(_Planted(marker)))
+
+
+def test_resume_loads_no_pickle_a_shared_checkpoint_carries(tmp_path, corpus, capsys):
+    """accelerate's save_state pickled the scheduler and RNG state and loaded them with weights_only=False: a
+    planted pickle ran on --resume. The training state is safetensors + JSON now; planted pickles are never opened,
+    the resumed run logs the uninterrupted one's losses, and a checkpoint holding only pickles is refused by name."""
+    config = micro(tmp_path / "straight", corpus)
+    train.run_training(config)
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-0000008")
+    shutil.rmtree(tmp_path / "resumed" / "model")
+    state = tmp_path / "resumed" / "checkpoints" / "step-0000004" / "training_state"
+    assert sorted(p.suffix for p in state.iterdir()) == [".json", ".json", ".safetensors", ".safetensors",
+                                                         ".safetensors"]
+    marker = tmp_path / "code-ran"
+    plant_pickles(state, marker)
+    train.run_training({**config, "out_dir": str(tmp_path / "resumed"), "resume": True})
+    assert not marker.exists()
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    for name in ("state.json", "weights.safetensors", "optimizer.safetensors", "rng-0.safetensors", "rng-0.json"):
+        (state / name).unlink()  # as accelerate wrote it: pickles only
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-0000008")
+    out = tmp_path / "resumed"
+    assert train_main(["--config", write_config(tmp_path / "c.yaml", config), "--out_dir", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "pickled training state" in err and "does not load" in err and f"--init-from {state.parent}" in err
+    assert not marker.exists()
+
+
+def test_no_pickle_loader_is_reachable_from_resume_or_model_loading():
+    """The code that resumes runs and loads models calls nothing that unpickles (torch.load, pickle, accelerate's
+    load_state), and every model it loads through transformers is read from safetensors only."""
+    unpickling = re.compile(r"torch\.load\(|pickle\.loads?\(|import pickle|\.load_state\(|weights_only\s*=\s*False")
+    lines = [(f"{path.relative_to(ROOT)}:{n}", line) for folder in ("longctx", "train", "eval")
+             for path in sorted((ROOT / folder).glob("*.py")) for n, line in enumerate(path.read_text().splitlines(), 1)]
+    assert [where for where, line in lines if unpickling.search(line)] == []
+    model_loads = [(where, line) for where, line in lines
+                   if re.search(r"(ForCausalLM|AutoModel\w*)\.from_pretrained\(", line)]
+    assert model_loads and [where for where, line in model_loads  # (a GGUF file is read by gguf: no pickle)
+                            if "use_safetensors=True" not in line and "gguf_file=" not in line] == []
+
+
 def test_compile_without_a_cpp_compiler_stops_before_training(tmp_path, corpus, monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)

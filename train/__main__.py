@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from .config import DEFAULTS, PRESETS, ConfigError, load_preset, parse_value
+from .state import TrainingStateError
 
 
 FLAGS = {key for key, value in DEFAULTS.items() if isinstance(value, bool)} | {"lora"}  # `--lora`: its defaults
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     try:
         config = load_preset(args.config, parse_overrides(rest))
         model_dir = run_training(config)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, TrainingStateError, FileNotFoundError) as err:
         print(f"python -m train: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:

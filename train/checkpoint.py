@@ -3,7 +3,7 @@
     out_dir/checkpoints/step-0000200/
         config.json, model.safetensors, *.py   the model (AutoModelForCausalLM, trust_remote_code=True)
         tokenizer.model, tokenizer_config.json the tokenizer (AutoTokenizer)
-        training_state/                        accelerate's save_state: weights, optimizer, scheduler, RNG
+        training_state/                        weights, optimizer, scheduler, RNG: safetensors + JSON (state.py)
         trainer_state.json                     step, data position, the config; written last
 
 Every checkpoint is written to a hidden temporary directory and renamed into place, so a run killed at any
@@ -16,6 +16,8 @@ import os
 import re
 import shutil
 from pathlib import Path
+
+from .state import save_training_state
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -64,7 +66,8 @@ def save_model_dir(accelerator, model, tokenizer, directory) -> None:
     accelerator.wait_for_everyone()
 
 
-def save_checkpoint(accelerator, model, tokenizer, trainer_state: dict, out_dir, keep_last: int) -> Path:
+def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, trainer_state: dict, out_dir,
+                    keep_last: int) -> Path:
     """Write checkpoint `step-{step}` atomically and prune old ones; returns its path. Collective."""
     root = Path(out_dir) / CHECKPOINT_DIR
     final = root / f"step-{trainer_state['step']:07d}"
@@ -74,7 +77,7 @@ def save_checkpoint(accelerator, model, tokenizer, trainer_state: dict, out_dir,
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     save_model_dir(accelerator, model, tokenizer, tmp)
-    accelerator.save_state(str(tmp / "training_state"))
+    save_training_state(accelerator, model, optimizer, scheduler, tmp / "training_state")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json_atomic(tmp / STATE_FILE, trainer_state)

@@ -31,6 +31,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ConfigError, compile_backend, extension_fields, resolve_config
+from .state import load_training_state
 
 # Keys that may differ when resuming (they change the schedule's length or the bookkeeping, not what a step does).
 RESUMABLE_CHANGES = ("max_steps", "eval_every", "eval_windows", "save_every", "keep_last", "progress", "resume",
@@ -126,7 +127,7 @@ def load_source_model(source):
 
     config_file = Path(source) / "config.json"
     if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "longctx":
-        return LongCtxForCausalLM.from_pretrained(source, dtype=torch.float32)
+        return LongCtxForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
     return from_llama(source).float()
 
 
@@ -315,7 +316,6 @@ def _train(config):
                                   betas=(config["beta1"], config["beta2"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     optimizer = accelerator.prepare(optimizer)  # the scheduler stays unprepared: one step per optimizer step
-    accelerator.register_for_checkpointing(scheduler)
 
     step, tokens_seen = 0, 0
     if resume_from is not None:
@@ -323,7 +323,7 @@ def _train(config):
         if state["data_fingerprint"] != data_id:
             raise ConfigError(f"--resume: the training windows differ from those of {resume_from} (corpus or "
                               f"tokenizer changed)")
-        accelerator.load_state(str(resume_from / "training_state"))
+        load_training_state(accelerator, model, optimizer, scheduler, resume_from / "training_state")
         step, tokens_seen = state["step"], state["tokens_seen"]
     last_checkpoint = resume_from
     log = JsonlLog(out_dir / "log.jsonl", main, keep_through_step=step)
@@ -382,8 +382,8 @@ def _train(config):
         if step % config["save_every"] == 0 or last:
             trainer_state = {"step": step, "tokens_seen": tokens_seen, "data_position": order.position(step),
                              "data_fingerprint": data_id, "config": config}
-            last_checkpoint = save_checkpoint(accelerator, model, tokenizer, trainer_state, out_dir,
-                                              config["keep_last"])
+            last_checkpoint = save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, trainer_state,
+                                              out_dir, config["keep_last"])
     progress.close()
     final = publish_model(accelerator, model, tokenizer, out_dir)
     accelerator.end_training()

@@ -6,7 +6,6 @@ Every model is loaded as a `LongCtxForCausalLM` (Llama directories and GGUF file
 
 import fcntl
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from longctx.data import load_tokenizer
+from longctx.files import check_gguf, check_model_dir
 
 DEFAULT_PRESET = "tiny"
 DEFAULT_CORPUS = "shakespeare"
@@ -104,18 +104,12 @@ def load_directory(directory, dtype=torch.float32, device="cpu"):
     from longctx.convert import from_llama
 
     directory = Path(directory)
-    config_path = directory / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{directory} is not a model directory (no config.json).")
-    tokenizer = load_tokenizer(directory)  # first: a directory without one fails before the weights load
-    model_type = json.loads(config_path.read_text()).get("model_type")
+    model_type = check_model_dir(directory)["model_type"]  # damaged files: one line, before anything loads
+    tokenizer = load_tokenizer(directory)  # then the tokenizer: a directory without one fails before the weights
     if model_type == "longctx":
         model = LongCtxForCausalLM.from_pretrained(directory, dtype=dtype, use_safetensors=True)
-    elif model_type == "llama":
+    else:  # "llama" (check_model_dir admits no other)
         model = from_llama(directory).to(dtype)
-    else:
-        raise ValueError(f"{directory}: model_type={model_type!r} is not supported; the evaluation loads 'longctx' "
-                         "models and Llama-architecture models ('llama', converted with longctx.convert.from_llama).")
     return model.to(device).eval(), tokenizer
 
 
@@ -124,8 +118,7 @@ def load_gguf(path, dtype=torch.float32, device="cpu"):
     from longctx.convert import from_llama
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
+    check_gguf(path)
     tokenizer = load_tokenizer(path)
     return from_llama(path).to(dtype).to(device).eval(), tokenizer
 

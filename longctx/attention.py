@@ -137,7 +137,7 @@ def grouped_scores(query, key):
     """q kᵀ for grouped-query heads without repeating keys: (b, h, rows, d), (b, kv, keys, d) -> (b, h, rows, keys)."""
     b, h, rows, d = query.shape
     scores = torch.matmul(query.reshape(b, key.shape[1], -1, d), key.transpose(2, 3))
-    return scores.view(b, h, rows, key.shape[2])
+    return scores.reshape(b, h, rows, key.shape[2])
 
 
 def softmax_values(scores, value, dropout):
@@ -149,7 +149,8 @@ def softmax_values(scores, value, dropout):
     else:
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     probs = F.dropout(probs, p=dropout, training=dropout > 0)
-    return torch.matmul(probs.view(b, value.shape[1], -1, keys), value).view(b, h, rows, value.shape[-1])
+    # (reshape: the scores of a per-row rotation, dynamic NTK past L_train, need not be contiguous)
+    return torch.matmul(probs.reshape(b, value.shape[1], -1, keys), value).reshape(b, h, rows, value.shape[-1])
 
 
 def blockwise_attention(score_block, value, mask: AttentionMask, spans, dropout):

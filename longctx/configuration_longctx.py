@@ -24,13 +24,27 @@ TIED_EMBEDDING_MODES = ("plain", "small-init", "projection", "half-swap")
 BLOCK_TYPES = {"attention": "full_attention", "lru": "linear_attention"}  # block type -> transformers layer type
 
 
+MAX_SIZE = 2**31 - 1  # sizes and lengths beyond int32 overflow the kernels (and no memory holds them)
+PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+
+
 def _fail(field, value, allowed):
     raise ValueError(f"LongCtxConfig: `{field}`={value!r} is invalid; {allowed}.")
 
 
-def _check_int(field, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(field, value, f"expected an integer >= {minimum}")
+def _check_int(field, value, minimum=1, maximum=MAX_SIZE):
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        _fail(field, value, f"expected an integer >= {minimum} (and at most {maximum})")
+
+
+def _check_bool(field, value):
+    if not isinstance(value, bool):
+        _fail(field, value, "expected True or False")
+
+
+def _check_choice(field, value, allowed):
+    if not isinstance(value, (str, type(None))) or value not in allowed:
+        _fail(field, value, f"allowed: {', '.join(map(str, allowed))}")
 
 
 def _check_number(field, value, low=None, high=None, low_open=False):
@@ -40,6 +54,25 @@ def _check_number(field, value, low=None, high=None, low_open=False):
         _fail(field, value, f"must be {'>' if low_open else '>='} {low}")
     if high is not None and value > high:
         _fail(field, value, f"must be <= {high}")
+
+
+def _check_token_id(field, value, vocab_size, many=False):
+    """None, or a token id of the vocabulary (`many`: or a non-empty list of them, as eos_token_id may be)."""
+    ids = value if many and isinstance(value, list) and value else [value]
+    if value is None:
+        return
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+        _fail(field, value, f"expected None or a token id in [0, {vocab_size - 1}] (vocab_size={vocab_size})"
+              + (", or a list of them" if many else ""))
+
+
+def _check_dtype(value):
+    import torch
+
+    if value is None or isinstance(value, torch.dtype) or value == "auto":
+        return
+    if not isinstance(value, str) or not isinstance(getattr(torch, value, None), torch.dtype):
+        _fail("dtype", value, "expected None, 'auto', a torch.dtype or its name ('float32', 'bfloat16', ...)")
 
 
 def original_max_positions(config) -> int:
@@ -106,19 +139,24 @@ class LongCtxConfig(PreTrainedConfig):
     lru_max_phase: float = 6.283
 
     def __post_init__(self, **kwargs):
-        if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
+        # sizes first: head_dim, num_key_value_heads and block_types are derived from them
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+            _check_int(name, getattr(self, name))
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                _fail("num_attention_heads", self.num_attention_heads,
+                      f"must divide hidden_size={self.hidden_size} (or give head_dim)")
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.block_types is None:
-            self.block_types = ["attention"] * self.num_hidden_layers
-        if isinstance(self.block_types, str):  # list("lru") would read as ['l', 'r', 'u']
-            _fail("block_types", self.block_types,
-                  "expected a list with one entry per layer, e.g. ['lru', 'attention']")
-        self.block_types = list(self.block_types)
+        self._resolve_block_types()
         if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
             _fail("rope_parameters", self.rope_parameters,
                   "expected a dict such as {'rope_type': 'yarn', 'factor': 4.0}")
+        if self.rope_parameters is not None:  # a copy: transformers fills defaults in place, not in the caller's dict
+            self.rope_parameters = dict(self.rope_parameters)
+        given = dict(self.rope_parameters or kwargs.get("rope_scaling") or {})  # before transformers fills defaults
+        _check_dtype(self.dtype)
         super().__post_init__(**kwargs)  # folds legacy `rope_scaling` / `rope_theta` into `rope_parameters`
         rope = dict(self.rope_parameters or {})
         if "type" in rope:
@@ -129,7 +167,30 @@ class LongCtxConfig(PreTrainedConfig):
             rope.pop("partial_rotary_factor", None)
         self.rope_parameters = rope
         self.validate_longctx()
-        self.layer_types = [BLOCK_TYPES[t] for t in self.block_types]
+        if rope["rope_type"] == "llama3" and given.get("original_max_position_embeddings") is None:
+            _fail("rope_parameters.original_max_position_embeddings", None,
+                  "rope_type='llama3' needs the pre-training length it scales from (HF's llama3 keys; transformers "
+                  "would assume max_position_embeddings)")
+
+    def _resolve_block_types(self):
+        """`block_types` and transformers' `layer_types` name the same thing: one is derived from the other (all
+        attention if neither is given); both given, they must agree."""
+        names = {layer: block for block, layer in BLOCK_TYPES.items()}
+        for field, value, words in (("block_types", self.block_types, BLOCK_TYPES),
+                                    ("layer_types", self.layer_types, names)):
+            if value is not None and (not isinstance(value, (list, tuple)) or len(value) != self.num_hidden_layers
+                                      or not all(isinstance(v, str) and v in words for v in value)):
+                _fail(field, value, f"expected a list with one entry per layer (num_hidden_layers="
+                                    f"{self.num_hidden_layers}), each one of {', '.join(words)}")
+        derived = [names[t] for t in self.layer_types] if self.layer_types is not None else None
+        if self.block_types is None:
+            self.block_types = derived or ["attention"] * self.num_hidden_layers
+        self.block_types = list(self.block_types)
+        layer_types = [BLOCK_TYPES[t] for t in self.block_types]
+        if self.layer_types is not None and list(self.layer_types) != layer_types:
+            _fail("layer_types", self.layer_types, f"contradicts block_types={self.block_types} (it is derived "
+                                                   f"from it: {layer_types}); give one of them")
+        self.layer_types = layer_types
 
     # --- validation: the one place every field is checked -------------------------------------------------------
     def validate(self):
@@ -146,34 +207,40 @@ class LongCtxConfig(PreTrainedConfig):
         """`layer_types` is derived from `block_types`, which `validate_longctx` checks."""
 
     def validate_longctx(self):
+        """Every field: Llama's, transformers' common ones and longctx's (one ValueError naming field, value and
+        what is allowed)."""
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+                     "lru_state_size"):
             _check_int(name, getattr(self, name))
         if self.num_attention_heads % self.num_key_value_heads:
             _fail("num_key_value_heads", self.num_key_value_heads,
                   f"must divide num_attention_heads={self.num_attention_heads}")
         if self.head_dim % 2:
             _fail("head_dim", self.head_dim, "RoPE rotates pairs of channels, so head_dim must be even")
+        for name in ("use_cache", "tie_word_embeddings", "attention_bias", "mlp_bias", "qk_bias",
+                     "output_hidden_states", "return_dict", "is_encoder_decoder"):
+            _check_bool(name, getattr(self, name))
+        if self.is_encoder_decoder:
+            _fail("is_encoder_decoder", True, "longctx models are decoder-only")
+        _check_int("chunk_size_feed_forward", self.chunk_size_feed_forward, minimum=0)
+        _check_choice("problem_type", self.problem_type, PROBLEM_TYPES)
+        from transformers.activations import ACT2FN
+
+        _check_choice("hidden_act", self.hidden_act, sorted(ACT2FN))
         _check_number("rms_norm_eps", self.rms_norm_eps, low=0, low_open=True)
         _check_number("attention_dropout", self.attention_dropout, low=0, high=1)
         _check_number("initializer_range", self.initializer_range, low=0)
+        for name in ("pad_token_id", "bos_token_id"):
+            _check_token_id(name, getattr(self, name), self.vocab_size)
+        _check_token_id("eos_token_id", self.eos_token_id, self.vocab_size, many=True)
         self._validate_rope_parameters(self.rope_parameters)
-        if self.logn_scaling not in LOGN_SCALING_MODES:
-            _fail("logn_scaling", self.logn_scaling, f"allowed: {', '.join(LOGN_SCALING_MODES)}")
-        if not isinstance(self.qk_bias, bool):
-            _fail("qk_bias", self.qk_bias, "expected True or False")
-        if self.tied_embedding_mode not in TIED_EMBEDDING_MODES:
-            _fail("tied_embedding_mode", self.tied_embedding_mode, f"allowed: {', '.join(TIED_EMBEDDING_MODES)}")
+        _check_choice("logn_scaling", self.logn_scaling, LOGN_SCALING_MODES)
+        _check_choice("tied_embedding_mode", self.tied_embedding_mode, TIED_EMBEDDING_MODES)
         if self.tied_embedding_mode != "plain" and not self.tie_word_embeddings:
             _fail("tied_embedding_mode", self.tied_embedding_mode,
                   "modes other than 'plain' reparametrise a shared embedding: set tie_word_embeddings=True")
-        if len(self.block_types) != self.num_hidden_layers:
-            _fail("block_types", self.block_types,
-                  f"needs one entry per layer (num_hidden_layers={self.num_hidden_layers})")
-        for entry in self.block_types:
-            if entry not in BLOCK_TYPES:
-                _fail("block_types", self.block_types, f"entries must be one of {', '.join(BLOCK_TYPES)}")
-        _check_int("lru_state_size", self.lru_state_size)
+        self._resolve_block_types()
         _check_number("lru_r_min", self.lru_r_min, low=0, high=1)
         _check_number("lru_r_max", self.lru_r_max, low=0, high=1)
         if self.lru_r_min >= self.lru_r_max:

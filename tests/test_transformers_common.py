@@ -22,7 +22,8 @@ from transformers_tests.test_modeling_common import ModelTesterMixin  # noqa: E4
 from transformers_standins import GenerationTesterMixin  # noqa: E402
 
 # transformers' tests assert on its deprecation warnings, which this project's pytest settings hide elsewhere
-pytestmark = [pytest.mark.filterwarnings("always::FutureWarning"), pytest.mark.filterwarnings("always::DeprecationWarning")]
+pytestmark = [pytest.mark.filterwarnings("always::FutureWarning"),
+              pytest.mark.filterwarnings("always::DeprecationWarning")]
 
 # test name -> why longctx differs from Llama by design (the test is skipped with this reason)
 CAUSAL_DYNAMIC = ("dynamic NTK is causal in longctx: the rotary module gives the table at L_train and each query past "

@@ -114,16 +114,29 @@ def preset_path(name_or_path) -> Path:
 def load_preset(name, overrides=None) -> dict:
     """DEFAULTS updated with a preset (`tiny`, `small`, `125m`, `350m`) or a YAML file, then with `overrides`
     (`apply_overrides`); validated once, so a preset's own `out_dir` is never checked when an override replaces it."""
-    with open(preset_path(name), encoding="utf-8") as f:
-        preset = yaml.safe_load(f) or {}
+    path = preset_path(name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            preset = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{at}: {problem}; a training config is a "
+                          f"mapping of keys to values, like train/configs/tiny.yaml") from err
     if not isinstance(preset, dict):
-        raise ConfigError(f"config file {str(preset_path(name))!r} must hold a mapping of keys to values")
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
     return resolve_config(apply_overrides(preset, overrides or {}))
 
 
 def parse_value(text: str):
     """A command-line value as YAML (`3`, `true`, `null`, `{rope_type: yarn, factor: 4}`); `1e-3` is a float."""
-    value = yaml.safe_load(text)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"the value {text!r} is not valid YAML ({getattr(err, 'problem', None) or err}); quote a "
+                          "value with spaces or braces as one argument, e.g. --model.rope_parameters "
+                          "'{rope_type: yarn, factor: 4}'") from err
     if isinstance(value, str):
         try:
             return float(value)
@@ -135,14 +148,17 @@ def parse_value(text: str):
 def apply_overrides(config: dict, overrides: dict) -> dict:
     """Overrides `{"lr": 1e-3, "model.rope_parameters": {...}}` onto a copy of `config`; dotted keys go into `model`
     and `lora`. Unknown keys are caught by `resolve_config`."""
-    config = {**config, "model": dict(config.get("model") or {})}
+    config = dict(config)
     for key, value in overrides.items():
         key = key.replace("-", "_")
         section, _, field = key.partition(".")
         if field:
             if section not in ("model", "lora"):
                 _fail(key, value, "only `model.FIELD` and `lora.FIELD` take dotted keys")
-            config[section] = {**(config.get(section) or {}), field: value}
+            current = config.get(section)
+            if current is not None and not isinstance(current, (dict, bool)):
+                _fail(section, current, "expected a mapping of fields (so that `--" + key + "` can set one)")
+            config[section] = {**(current if isinstance(current, dict) else {}), field: value}
         else:
             config[key] = value
     return config
@@ -210,6 +226,12 @@ def _check_paths(config):
         source = os.fspath(source)
         if not (os.path.isdir(source) or (source.endswith(".gguf") and os.path.isfile(source))):
             _fail("init_from", source, "expected an existing model directory or .gguf file")
+        from longctx.files import check_model_source
+
+        try:  # damaged files are found now, before out_dir is written
+            check_model_source(source)
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"config `init_from`={source!r}: {err}") from err
         config["init_from"] = source
     out_dir = Path(config["out_dir"]).expanduser()
     probe_dir = out_dir
@@ -228,6 +250,8 @@ def resolve_config(config: dict) -> dict:
     if unknown:
         _fail(unknown[0], config[unknown[0]], f"unknown key; keys: {', '.join(DEFAULTS)}")
     config = {**DEFAULTS, **config}
+    if config["model"] is not None and not isinstance(config["model"], dict):
+        _fail("model", config["model"], "expected a mapping of LongCtxConfig fields")
     config["model"] = dict(config["model"] or {})
     for key in ("split_seed", "seed"):
         _check_int(key, config[key], 0)

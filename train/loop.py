@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from longctx import LongCtxConfig, LongCtxForCausalLM
 from longctx.configuration_longctx import original_max_positions
+from longctx.files import check_model_source
 from longctx.data import corpus_splits, load_tokenizer, pack_windows, progress_bars, train_tokenizer
 from longctx.rope import set_rope
 
@@ -125,8 +126,7 @@ def load_source_model(source):
     """A longctx model directory, a Llama directory or a GGUF file, as a float32 LongCtxForCausalLM."""
     from longctx.convert import from_llama
 
-    config_file = Path(source) / "config.json"
-    if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "longctx":
+    if check_model_source(source) == "longctx":
         return LongCtxForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
     return from_llama(source).float()
 
@@ -267,7 +267,10 @@ def _train(config):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    splits = corpus_splits(config["corpus"], seed=config["split_seed"])  # a missing corpus fails before out_dir
+    try:  # a missing or unusable corpus fails before out_dir
+        splits = corpus_splits(config["corpus"], seed=config["split_seed"])
+    except ValueError as err:
+        raise ConfigError(str(err)) from err  # the message names the corpus and the file
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config["mixed_precision"])
     main, world = accelerator.is_main_process, accelerator.num_processes
     if config["batch_size"] % (config["micro_batch_size"] * world):

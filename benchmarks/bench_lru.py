@@ -19,14 +19,8 @@ import torch
 
 from benchmarks.common import print_table, take_turns, write_results
 from longctx import LongCtxConfig
-from longctx.lru import (
-    SCAN_CHUNK_SIZE,
-    LongCtxLRU,
-    _native_scan,
-    lru_scan,
-    lru_scan_sequential,
-    native_scan_unavailable,
-)
+from longctx.lru import SCAN_CHUNK_SIZE, LongCtxLRU, lru_scan, lru_scan_sequential
+from longctx.lru_native import native_scan, native_scan_unavailable
 
 HIDDEN, STATE = 256, 256
 
@@ -86,10 +80,10 @@ def scan_row(length, loop_max_length):
     scan_out, floor_out = torch.empty_like(b), torch.empty_like(b)
     fns = {"chunked_ms": lambda: lru_scan(lam, b, backend="chunked"), "floor_ms": lambda: b * lam,
            "floor_reused_ms": lambda: torch.mul(b, lam, out=floor_out),
-           "layer_ms": lambda: layer(u)}  # layer: the whole mixer, B, the scan, C, D (default backend)
+           "layer_ms": lambda: layer(u)}  # layer: the whole mixer, B, the scan, C, D (lru_scan_backend="auto")
     if native_scan_unavailable() is None:
         fns.update({"native_ms": lambda: lru_scan(lam, b, backend="native"),
-                    "native_reused_ms": lambda: _native_scan(lam, b, None, None, False, out=scan_out)})
+                    "native_reused_ms": lambda: native_scan(lam, b, None, None, False, out=scan_out)})
     repeats = 10 if length <= 16384 else 5
     row = {"length": length, **best_of(fns, repeats)}
     faults = minor_faults()

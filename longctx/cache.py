@@ -1,4 +1,5 @@
-"""KV-cache layers for transformers' `DynamicCache`: one that appends in place, one that keeps keys before RoPE.
+"""KV-cache layers for transformers' `DynamicCache`: one that appends in place, one that keeps keys before RoPE; and
+the LRU's recurrent state in transformers' own slot for it.
 
 transformers' `DynamicLayer` appends by `torch.cat`, copying the whole cache at every decoding step: O(L) per token,
 half of a CPU step's time at 16k tokens. `GrowingLayer` writes into a buffer with room to spare and grows it
@@ -7,10 +8,13 @@ each key by its clipped distance to the query, so both need the un-rotated keys 
 key (per batch row: left padding shifts them): `PreRopeLayer` also carries those positions through crop, beam
 reordering and batch selection. The attention swaps one of them in for an empty `DynamicLayer` on first use, so the
 stock `DynamicCache` (and `generate()`) works unchanged.
+
+An LRU layer caches only its state (batch, state_size) complex64, in the `LinearAttentionLayer` that
+`DynamicCache(config=...)` builds for `layer_types[i] == "linear_attention"` (`read_lru_state`, `write_lru_state`).
 """
 
 import torch
-from transformers.cache_utils import DynamicLayer, StaticLayer
+from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin, StaticLayer
 
 
 class GrowingLayer(DynamicLayer):
@@ -210,4 +214,41 @@ def _holds_keys(layer):
     return bool(getattr(layer, "is_initialized", True)) and int(layer.get_seq_length()) > 0
 
 
-__all__ = ["GrowingLayer", "PreRopeLayer", "static_slots", "update_keys_after_rope", "update_keys_before_rope"]
+# --- the LRU's recurrent state ---------------------------------------------------------------------------------------
+def _state_layer(cache, layer_idx):
+    layer = cache.layers[layer_idx] if layer_idx < len(cache.layers) else None
+    if not isinstance(layer, LinearAttentionCacheLayerMixin):
+        raise ValueError(
+            f"LRU layer {layer_idx} needs a recurrent-state slot in the cache, but the cache has "
+            f"{type(layer).__name__} there. Build the cache with `DynamicCache(config=model.config)` (what the model "
+            "and generate() do by default): config.layer_types marks LRU layers 'linear_attention'.")
+    return layer
+
+
+def read_lru_state(cache, layer_idx):
+    """The state (batch, state_size) complex64 after the tokens already seen, or None before the first one."""
+    layer = _state_layer(cache, layer_idx)
+    return layer.recurrent_states[0] if layer.has_previous_state[0] else None
+
+
+def write_lru_state(cache, layer_idx, state, new_tokens):
+    """Store the state after this forward (copied into a fixed buffer: constant memory) and, in an all-LRU stack
+    (no attention layer counts its keys), count the tokens. Not counted elsewhere: a compiled hybrid step would
+    otherwise be specialised on the count and recompiled."""
+    layer = _state_layer(cache, layer_idx)
+    if all(cache.is_linear):
+        layer.lru_seen_tokens = (layer.lru_seen_tokens if layer.has_previous_state[0] else 0) + new_tokens
+    cache.update_recurrent_state(state, layer_idx)
+    layer.has_previous_state[0] = True  # `cache.reset()` clears it: the state then restarts from zero
+
+
+def cached_length(cache):
+    """Tokens the cache has seen: an attention layer's key count, or in an all-LRU stack the LRU token count."""
+    if not cache.layers or not all(cache.is_linear):
+        return int(cache.get_seq_length())  # the first attention layer's (a StaticLayer counts in a tensor)
+    layer = _state_layer(cache, 0)
+    return layer.lru_seen_tokens if layer.has_previous_state[0] else 0
+
+
+__all__ = ["GrowingLayer", "PreRopeLayer", "cached_length", "read_lru_state", "static_slots", "update_keys_after_rope",
+           "update_keys_before_rope", "write_lru_state"]

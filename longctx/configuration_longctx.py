@@ -21,6 +21,7 @@ ROPE_TYPE_KEYS = {
 ROPE_TYPES_WITH_FACTOR = {"linear", "ntk", "ntk-fixed", "ntk-mixed", "dynamic", "yarn", "llama3", "leaky-rerope"}
 LOGN_SCALING_MODES = ("off", "trained", "posthoc")
 TIED_EMBEDDING_MODES = ("plain", "small-init", "projection", "half-swap")
+LRU_SCAN_BACKENDS = ("auto", "native", "chunked")  # auto: native (C, CPU) where it builds, else chunked (torch)
 BLOCK_TYPES = {"attention": "full_attention", "lru": "linear_attention"}  # block type -> transformers layer type
 
 
@@ -137,6 +138,7 @@ class LongCtxConfig(PreTrainedConfig):
     lru_r_min: float = 0.9
     lru_r_max: float = 0.999
     lru_max_phase: float = 6.283
+    lru_scan_backend: str = "auto"  # longctx.lru's scan: "auto", "native" or "chunked" (LRU_SCAN_BACKENDS)
 
     def __post_init__(self, **kwargs):
         # sizes first: head_dim, num_key_value_heads and block_types are derived from them
@@ -246,6 +248,7 @@ class LongCtxConfig(PreTrainedConfig):
         if self.lru_r_min >= self.lru_r_max:
             _fail("lru_r_min", self.lru_r_min, f"must be < lru_r_max={self.lru_r_max}")
         _check_number("lru_max_phase", self.lru_max_phase, low=0, low_open=True)
+        _check_choice("lru_scan_backend", self.lru_scan_backend, LRU_SCAN_BACKENDS)
 
     def _validate_rope_parameters(self, rope):
         rope_type = rope["rope_type"]

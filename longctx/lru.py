@@ -2,9 +2,11 @@
 
     λ = exp(−exp(ν_log) + i·exp(θ_log)),   x_t = λ ⊙ x_{t−1} + γ ⊙ (B u_t),   y_t = Re(C x_t) + D ⊙ u_t
 
-`lru_scan_sequential` is the reference: one step at a time. `lru_scan` is the fast one, with two backends:
+`lru_scan_sequential` is the reference: one step at a time. `lru_scan` is the fast one, with two backends, chosen by
+`config.lru_scan_backend` ("auto": native where it runs, else chunked):
 - "native" (CPU): the loop itself in C, one read of b and one write of x, compiled once per machine with the
-  system's C compiler into longctx's cache directory and loaded with ctypes (`native_scan_kernel`);
+  system's C compiler into longctx's cache directory and loaded with ctypes (`lru_native`, imported only when a
+  scan may run natively: a chunked model never imports it);
 - "chunked" (any device; CPU where no C compiler works): chunks of `chunk_size` steps scanned side by side, the
   state entering each chunk by the same scan one level up (λ^T per step), then the chunks again from their true
   incoming states. Only λ and its positive powers appear (|λ^k| ≤ 1): the cumsum of λ^{−k}·b overflows
@@ -14,26 +16,22 @@ Both run in complex64 whatever the model dtype, and drop λ·x_{t−1} where `re
 scan run backwards in time with conj(λ): `torch.compile` keeps it whole in its graph.
 
 The recurrent state (batch, state_size) of each LRU layer lives in transformers' cache, in the
-`LinearAttentionLayer` that `DynamicCache(config=...)` builds for `layer_types[i] == "linear_attention"`.
+`LinearAttentionLayer` that `DynamicCache(config=...)` builds for `layer_types[i] == "linear_attention"`
+(`cache.read_lru_state` / `cache.write_lru_state`).
 """
 
-import ctypes
 import functools
-import hashlib
 import math
 import os
-import platform
-import shlex
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
+import warnings
 
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import LinearAttentionCacheLayerMixin
 from transformers.utils import logging
+
+from .cache import cached_length, read_lru_state, write_lru_state  # noqa: F401 (cached_length: modeling imports it)
+from .configuration_longctx import LRU_SCAN_BACKENDS
 
 logger = logging.get_logger(__name__)
 
@@ -57,17 +55,19 @@ def lru_scan_sequential(lam, b, reset=None, x0=None):
     return torch.stack(states, dim=1)
 
 
-SCAN_BACKENDS = ("native", "chunked")
+SCAN_BACKENDS = LRU_SCAN_BACKENDS  # "auto", "native", "chunked": the values of config.lru_scan_backend
 
 
-def lru_scan(lam, b, reset=None, x0=None, chunk_size=SCAN_CHUNK_SIZE, backend=None):
+def lru_scan(lam, b, reset=None, x0=None, chunk_size=SCAN_CHUNK_SIZE, backend="auto"):
     """Fast scan with the semantics of `lru_scan_sequential`, in complex64, differentiable (its own backward).
 
-    `backend`: "native" (CPU, needs a C compiler), "chunked" (any device, `chunk_size` steps per chunk), or None:
+    `backend` (the model passes `config.lru_scan_backend`): "native" (CPU, needs a C compiler; a ValueError with
+    the reason where it cannot run), "chunked" (any device, `chunk_size` steps per chunk), or "auto" (None too):
     native where it runs, else chunked. One custom op (`torch.ops.longctx.lru_scan`): `torch.compile` keeps it
     whole in its graph."""
-    if backend is not None and backend not in SCAN_BACKENDS:
-        raise ValueError(f"backend={backend!r} is not an LRU scan backend; use one of {SCAN_BACKENDS} or None.")
+    backend = "auto" if backend is None else backend
+    if backend not in SCAN_BACKENDS:
+        raise ValueError(f"backend={backend!r} is not an LRU scan backend; use one of {SCAN_BACKENDS}.")
     if b.dim() != 3 or lam.shape != (b.shape[-1],):
         raise ValueError(f"lru_scan takes b of shape (batch, length, state) and lam of shape (state,); got b "
                          f"{tuple(b.shape)} and lam {tuple(lam.shape)}.")
@@ -77,7 +77,7 @@ def lru_scan(lam, b, reset=None, x0=None, chunk_size=SCAN_CHUNK_SIZE, backend=No
     keep = None if reset is None else ~_broadcast("reset", reset, (batch, length))
     if x0 is not None:  # a copy: the cache rewrites its state buffer in place
         x0 = _broadcast("x0", x0, (batch, size)).to(torch.complex64, copy=True)
-    return _scan_op(lam, b.to(torch.complex64), keep, x0, chunk_size, False, backend or "auto")
+    return _scan_op(lam, b.to(torch.complex64), keep, x0, chunk_size, False, backend)
 
 
 def _broadcast(name, tensor, shape):
@@ -137,207 +137,44 @@ def _chunked_scan(b, log_lam, keep, x0, chunk_size, out):
     return out
 
 
-# The native backend: the sequential loop in C over contiguous complex64 (re, im) pairs, vectorised across the
-# state; one read of b and one write of x, which no composition of torch ops reaches (BENCHMARKS.md, "LRU scan").
-_SCAN_SOURCE = r"""
-/* x_t = lam * keep_t * x_prev + b_t for each batch row, prev = x_{t-1} (or x_{t+1} when reverse), x0 before the
-   first step (none: x = b there). Complex numbers as (re, im) float pairs; b, x: (batch, length, size) contiguous;
-   keep: (batch, length) bytes or NULL; x0: (batch, size) or NULL. */
-void longctx_lru_scan(const float *restrict lam, const float *restrict b, const unsigned char *restrict keep,
-                      const float *restrict x0, float *restrict x, long long batch, long long length,
-                      long long size, int reverse)
-{
-    const long long row = 2 * size;
-    for (long long i = 0; i < batch; i++) {
-        const float *prev = x0 ? x0 + i * row : 0;
-        for (long long s = 0; s < length; s++) {
-            const long long t = reverse ? length - 1 - s : s, at = (i * length + t) * row;
-            const float *restrict bt = b + at;
-            float *restrict xt = x + at;
-            if (!prev || (keep && !keep[i * length + t])) {
-                for (long long n = 0; n < row; n++)
-                    xt[n] = bt[n];
-            } else {
-                for (long long n = 0; n < row; n += 2) {
-                    xt[n] = bt[n] + (lam[n] * prev[n] - lam[n + 1] * prev[n + 1]);
-                    xt[n + 1] = bt[n + 1] + (lam[n] * prev[n + 1] + lam[n + 1] * prev[n]);
-                }
-            }
-            prev = xt;
-        }
-    }
-}
-"""
-
-
-def _cpu_identity():
-    """What the compiled code depends on besides its source: the architecture and (Linux) the CPU's features, so
-    a cache directory shared between different machines keeps one library per kind of CPU (`-march=native`)."""
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    return f"{platform.machine()} {platform.processor()} {flags}"
-
-
-class _NoNativeScan(Exception):
-    """Why the native scan cannot run here (the chunked backend runs instead)."""
-
-
-def _compiler():
-    """The C compiler command: $CC (may carry arguments, e.g. "ccache gcc"), else the first of cc, gcc, clang."""
-    if os.environ.get("CC"):
-        command = shlex.split(os.environ["CC"])
-        if not command or not shutil.which(command[0]):
-            raise _NoNativeScan(f"CC={os.environ['CC']!r} is not an executable C compiler")
-        return command
-    for name in ("cc", "gcc", "clang"):
-        if shutil.which(name):
-            return [name]
-    raise _NoNativeScan("no C compiler found (CC is unset and none of cc, gcc, clang is on PATH)")
-
-
-def _run(command, **kwargs):
-    try:
-        return subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=120, check=False,
-                              **kwargs)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise _NoNativeScan(f"{' '.join(command)}: {error}") from error
-
-
-def _private(path):
-    """Whether `path` belongs to this user and no one else can write it (a library found in a shared place could
-    be anybody's code). Always true where there are no POSIX owners."""
-    if not hasattr(os, "getuid"):
-        return True
-    status = path.stat()
-    return status.st_uid == os.getuid() and not status.st_mode & 0o022
-
-
-def _build_scan_library(rebuild=False):
-    """The path of the compiled native scan: $LONGCTX_CACHE/kernels (default ~/.cache/longctx/kernels), one file per
-    source, compiler (its --version) and kind of CPU, written atomically; compiling takes ~0.1 s."""
-    compiler = _compiler()
-    version = _run([*compiler, "--version"]).stdout
-    key = hashlib.sha256(f"{_SCAN_SOURCE}\0{compiler}\0{version}\0{_cpu_identity()}".encode()).hexdigest()[:16]
-    directory = Path(os.environ.get("LONGCTX_CACHE") or Path.home() / ".cache" / "longctx") / "kernels"
-    path = directory / f"lru_scan-{key}.so"
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not _private(directory):
-        raise _NoNativeScan(f"{directory} is writable by other users; not loading code from it")
-    if path.exists() and not rebuild:
-        return path
-    with tempfile.TemporaryDirectory(dir=directory) as work:
-        source, library = Path(work) / "lru_scan.c", Path(work) / "lru_scan.so"
-        source.write_text(_SCAN_SOURCE)
-        for flags in (["-O3", "-march=native"], ["-O3"]):  # not every compiler knows -march=native
-            built = _run([*compiler, *flags, "-std=c99", "-shared", "-fPIC", str(source), "-o", str(library)])
-            if built.returncode == 0:
-                os.replace(library, path)
-                return path
-    raise _NoNativeScan(f"{' '.join(compiler)} failed: {built.stderr.strip()[-300:]}")
-
-
-def _load_scan_library(path):
-    """The kernel from `path` as a ctypes function, once it has reproduced the reference loop on a small case."""
-    if not _private(path):
-        raise _NoNativeScan(f"{path} is writable by other users; not loading it")
-    kernel = ctypes.CDLL(str(path)).longctx_lru_scan
-    kernel.restype = None
-    kernel.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_longlong] * 3 + [ctypes.c_int]
-    g = torch.Generator().manual_seed(0)
-    lam = torch.polar(torch.rand(3, generator=g), torch.rand(3, generator=g)).to(torch.complex64)
-    b = torch.randn(2, 5, 3, dtype=torch.complex64, generator=g)
-    keep, x0 = torch.rand(2, 5, generator=g) > 0.3, torch.randn(2, 3, dtype=torch.complex64, generator=g)
-    for reverse in (False, True):
-        got = _native_scan(lam, b, keep, x0, reverse, kernel=kernel)
-        flip = (lambda t: t.flip(1)) if reverse else (lambda t: t)
-        expected = flip(lru_scan_sequential(lam, flip(b), ~flip(keep), x0))
-        if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
-            raise _NoNativeScan(f"{path} computes wrong results")
-    return kernel
-
-
 @functools.cache
-def _native_scan_library():
-    """(kernel, None) or (None, why not): built and loaded once per process; a cached library that fails to load
-    or to reproduce the reference is rebuilt once."""
-    if os.environ.get("LONGCTX_NATIVE_SCAN", "1").lower() in ("0", "false", "off", "no"):
-        return None, f"LONGCTX_NATIVE_SCAN={os.environ['LONGCTX_NATIVE_SCAN']}"
+def _native_scan_turned_off(value):
+    """The deprecated switch LONGCTX_NATIVE_SCAN=0 (false, off, no): "auto" runs the chunked scan. Warns once."""
+    if value.lower() not in ("0", "false", "off", "no"):
+        return False
+    warnings.warn(f"LONGCTX_NATIVE_SCAN={value} is deprecated: set `config.lru_scan_backend = 'chunked'` instead "
+                  "(the variable only turns off the native scan of lru_scan_backend='auto').", FutureWarning)
+    return True
+
+
+def _native_kernel(device, backend):
+    """The native kernel this scan runs on, or None for the chunked scan. Imports the compiler driver (`lru_native`)
+    only here, and only for "native" or "auto" on CPU; "native" where it cannot run raises with the reason."""
+    if backend == "native" and device.type != "cpu":
+        raise ValueError(f"lru_scan_backend='native' runs on CPU tensors only (got {device.type}); use 'auto' or "
+                         "'chunked' (any device).")
+    if backend == "chunked" or device.type != "cpu" or (
+            backend == "auto" and _native_scan_turned_off(os.environ.get("LONGCTX_NATIVE_SCAN", "1"))):
+        return None
     try:
-        path = _build_scan_library()
-        try:
-            return _load_scan_library(path), None
-        except (OSError, AttributeError, _NoNativeScan):  # a broken cached library: compile it again, once
-            path = _build_scan_library(rebuild=True)
-            try:
-                return _load_scan_library(path), None
-            except BaseException:
-                path.unlink(missing_ok=True)  # nothing broken stays behind
-                raise
-    except Exception as error:  # whatever goes wrong, the model still runs (on the chunked backend)
-        return None, str(error) if isinstance(error, _NoNativeScan) else f"{type(error).__name__}: {error}"
-
-
-def native_scan_kernel():
-    """The compiled native scan (a ctypes function), or None where it cannot run: then `lru_scan` runs the chunked
-    backend, and says why once. `LONGCTX_NATIVE_SCAN=0` turns it off."""
-    kernel, reason = _native_scan_library()
-    if kernel is None:
-        log = logger.info_once if reason.startswith("LONGCTX_NATIVE_SCAN") else logger.warning_once
-        log(f"The LRU scan runs its chunked torch backend on CPU (slower): {reason}.")
-    return kernel
-
-
-def native_scan_unavailable():
-    """Why the native scan cannot run here, or None when it can."""
-    return _native_scan_library()[1]
-
-
-# From 32 MiB glibc maps every allocation afresh: each page faults on its first write. torch's threads take those
-# faults side by side (`zero_`) 1.4× faster than the single-threaded kernel would (BENCHMARKS.md, "LRU scan").
-LARGE_OUTPUT_BYTES = 2**25
-
-
-def _native_scan(lam, b, keep, x0, reverse, out=None, kernel=None):
-    """The scan by the native kernel on CPU tensors: lam (state,), b (batch, L, state), keep (batch, L), x0
-    (batch, state), made complex64 / uint8 and contiguous here (the kernel reads raw memory). `out`: a contiguous
-    complex64 tensor shaped like `b`, not `b` itself, to write into (benchmarks). The kernel releases the GIL."""
-    batch, length, size = b.shape
-    if lam.shape != (size,) or (keep is not None and keep.shape != (batch, length)) or (
-            x0 is not None and x0.shape != (batch, size)):
-        raise ValueError(f"native LRU scan: lam {tuple(lam.shape)}, keep {None if keep is None else tuple(keep.shape)}"
-                         f", x0 {None if x0 is None else tuple(x0.shape)} do not fit b {tuple(b.shape)}")
-    b = b.to(torch.complex64).resolve_conj().contiguous()
-    lam = lam.to(torch.complex64).resolve_conj().contiguous()
-    keep = None if keep is None else keep.to(torch.uint8).contiguous()
-    x0 = None if x0 is None else x0.to(torch.complex64).resolve_conj().contiguous()
-    if out is None:
-        x = torch.empty_like(b)
-        if x.nbytes >= LARGE_OUTPUT_BYTES:
-            x.zero_()
-    elif (out.shape != b.shape or out.dtype != torch.complex64 or not out.is_contiguous()
-          or out.data_ptr() == b.data_ptr()):
-        raise ValueError("`out` must be a contiguous complex64 tensor shaped like b, and not b")
-    else:
-        x = out
-    kernel = kernel or native_scan_kernel()
-    kernel(lam.data_ptr(), b.data_ptr(), None if keep is None else keep.data_ptr(),
-           None if x0 is None else x0.data_ptr(), x.data_ptr(), batch, length, size, int(reverse))
-    return x
+        from .lru_native import native_scan_kernel
+    except ImportError as error:  # model files copied without it: "auto" runs as where no compiler works
+        if backend == "native":
+            raise
+        logger.warning_once(f"The LRU scan runs its chunked torch backend on CPU (slower): {error}.")
+        return None
+    return native_scan_kernel(required=backend == "native")
 
 
 def _scan(lam, b, keep, x0, chunk_size, reverse, backend):
     """x_t = λ·keep_t·x_{t∓1} + b_t, forward in time (−) or backward (+, `reverse`): a new complex64 tensor."""
     b = b.detach().to(torch.complex64)
     x0 = None if x0 is None else x0.detach().to(torch.complex64)
-    kernel = native_scan_kernel() if b.device.type == "cpu" and backend != "chunked" else None
-    if backend == "native" and kernel is None:
-        raise ValueError(f"backend='native' needs CPU tensors (got {b.device.type}) and a working C compiler "
-                         f"({native_scan_unavailable() or 'found'}); use backend='chunked' or None.")
-    if kernel is not None:  # "native", or "auto" (decided here, at run time: the op is opaque to torch.compile)
-        return _native_scan(lam.detach(), b, keep, x0, reverse, kernel=kernel)
+    kernel = _native_kernel(b.device, backend)  # "auto" decided here, at run time: the op is opaque to torch.compile
+    if kernel is not None:
+        from .lru_native import native_scan
+
+        return native_scan(lam.detach(), b, keep, x0, reverse, kernel=kernel)
     log_lam = torch.log(lam.detach().to(torch.complex128))
     if reverse:
         b, keep = b.flip(1).contiguous(), None if keep is None else keep.flip(1)  # flip keeps b's strides
@@ -382,42 +219,6 @@ def _scan_backward(ctx, grad_x):
 
 
 _scan_op.register_autograd(_scan_backward, setup_context=_scan_setup)
-
-
-# --- the recurrent state in transformers' cache ---------------------------------------------------------------------
-def _state_layer(cache, layer_idx):
-    layer = cache.layers[layer_idx] if layer_idx < len(cache.layers) else None
-    if not isinstance(layer, LinearAttentionCacheLayerMixin):
-        raise ValueError(
-            f"LRU layer {layer_idx} needs a recurrent-state slot in the cache, but the cache has "
-            f"{type(layer).__name__} there. Build the cache with `DynamicCache(config=model.config)` (what the model "
-            "and generate() do by default): config.layer_types marks LRU layers 'linear_attention'.")
-    return layer
-
-
-def read_lru_state(cache, layer_idx):
-    """The state (batch, state_size) complex64 after the tokens already seen, or None before the first one."""
-    layer = _state_layer(cache, layer_idx)
-    return layer.recurrent_states[0] if layer.has_previous_state[0] else None
-
-
-def write_lru_state(cache, layer_idx, state, new_tokens):
-    """Store the state after this forward (copied into a fixed buffer: constant memory) and, in an all-LRU stack
-    (no attention layer counts its keys), count the tokens. Not counted elsewhere: a compiled hybrid step would
-    otherwise be specialised on the count and recompiled."""
-    layer = _state_layer(cache, layer_idx)
-    if all(cache.is_linear):
-        layer.lru_seen_tokens = (layer.lru_seen_tokens if layer.has_previous_state[0] else 0) + new_tokens
-    cache.update_recurrent_state(state, layer_idx)
-    layer.has_previous_state[0] = True  # `cache.reset()` clears it: the state then restarts from zero
-
-
-def cached_length(cache):
-    """Tokens the cache has seen: an attention layer's key count, or in an all-LRU stack the LRU token count."""
-    if not cache.layers or not all(cache.is_linear):
-        return int(cache.get_seq_length())  # the first attention layer's (a StaticLayer counts in a tensor)
-    layer = _state_layer(cache, 0)
-    return layer.lru_seen_tokens if layer.has_previous_state[0] else 0
 
 
 # --- the mixer --------------------------------------------------------------------------------------------------------
@@ -475,7 +276,7 @@ class LongCtxLRU(nn.Module):
                 bu = bu * padding_mask[:, -q_len:, None].to(bu.device)
             reset = None if position_ids is None else (position_ids == 0).expand(batch, q_len).to(bu.device)
             x0 = None if cache is None else read_lru_state(cache, self.layer_idx)
-            x = lru_scan(self.eigenvalues(), bu, reset, x0)  # (batch, q_len, state) complex64
+            x = lru_scan(self.eigenvalues(), bu, reset, x0, backend=self.config.lru_scan_backend)  # complex64
             if cache is not None:
                 write_lru_state(cache, self.layer_idx, x[:, -1], q_len)
             c_weight = torch.stack([self.C_re.float(), -self.C_im.float()], dim=-1).reshape(hidden, -1)

@@ -24,10 +24,10 @@ from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 from .attention import AttentionMask, LongCtxAttention, check_attn_implementation, logn_query_scale
-from .cache import static_slots
+from .cache import cached_length, static_slots
 from .configuration_longctx import LongCtxConfig
 from .loss import causal_lm_loss, linear_cross_entropy, token_scores
-from .lru import LongCtxLRU, cached_length
+from .lru import LongCtxLRU
 from .rope import KEYS_BEFORE_ROPE, LongCtxRotaryEmbedding
 
 logger = logging.get_logger(__name__)

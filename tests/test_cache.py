@@ -1,4 +1,5 @@
-"""The KV-cache layers: `GrowingLayer` (appends in place) against transformers' `DynamicLayer` (torch.cat)."""
+"""The KV-cache layers: `GrowingLayer` (appends in place) against transformers' `DynamicLayer` (torch.cat); the LRU's
+recurrent state in transformers' `LinearAttentionLayer`."""
 
 import random
 
@@ -6,9 +7,10 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from conftest import tiny_model
+from conftest import tiny_config_kwargs, tiny_model
 
-from longctx.cache import GrowingLayer
+from longctx import LongCtxConfig
+from longctx.cache import GrowingLayer, cached_length, read_lru_state, write_lru_state
 from longctx.modeling_longctx import CACHE_FIELD
 
 
@@ -140,3 +142,33 @@ def test_generate_uses_growing_layers_and_equals_recomputation():
     out = model.generate(ids, **{CACHE_FIELD: cache}, **kwargs)  # `cache` (transformers >= 5.24) or its old name
     assert all(type(layer) is GrowingLayer for layer in cache.layers)
     assert torch.equal(out, model.generate(ids, use_cache=False, **kwargs))
+
+
+def test_lru_state_is_kept_in_a_fixed_buffer_and_counted_only_in_all_lru_stacks():
+    """The state after each forward, copied into one buffer per layer (constant memory; the caller's tensor is not
+    held); in an all-LRU stack the cache counts the tokens, cleared by `reset()`; a hybrid counts attention keys."""
+    config = LongCtxConfig(**tiny_config_kwargs(block_types=["lru", "lru"], lru_state_size=8))
+    cache, g = DynamicCache(config=config), torch.Generator().manual_seed(0)
+    assert read_lru_state(cache, 0) is None and cached_length(cache) == 0
+    states = [torch.randn(2, 8, dtype=torch.complex64, generator=g) for _ in range(2)]
+    for new_tokens, state in zip((5, 3), states):
+        for layer_idx in (0, 1):
+            write_lru_state(cache, layer_idx, state, new_tokens)
+        held = read_lru_state(cache, 1)
+        assert torch.equal(held, state) and held is not state
+    buffer = read_lru_state(cache, 0)
+    states[1].zero_()  # the cache holds a copy
+    assert cached_length(cache) == 8 and read_lru_state(cache, 0).abs().sum() > 0
+    write_lru_state(cache, 0, states[0], 1)
+    assert read_lru_state(cache, 0).data_ptr() == buffer.data_ptr()  # the same buffer, rewritten
+    cache.reset()
+    assert read_lru_state(cache, 0) is None and cached_length(cache) == 0
+
+    hybrid = DynamicCache(config=LongCtxConfig(**tiny_config_kwargs(block_types=["attention", "lru"],
+                                                                    lru_state_size=8)))
+    write_lru_state(hybrid, 1, states[0], 4)
+    assert cached_length(hybrid) == 0 and not hasattr(hybrid.layers[1], "lru_seen_tokens")
+    with pytest.raises(ValueError, match=r"LRU layer 0 needs a recurrent-state slot .*DynamicLayer there"):
+        read_lru_state(hybrid, 0)
+    with pytest.raises(ValueError, match=r"LRU layer 1 needs a recurrent-state slot .*NoneType"):
+        read_lru_state(DynamicCache(), 1)

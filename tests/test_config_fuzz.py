@@ -33,6 +33,7 @@ INVALID = {
     "lru_r_min": [-0.1, 1.5, "0.9", None, NAN, 0.9999],  # 0.9999 >= lru_r_max (0.999)
     "lru_r_max": [-0.1, 1.5, "0.999", None, NAN, 0.5],  # 0.5 <= lru_r_min (0.9)
     "lru_max_phase": [0, -1, "6", None, INF],
+    "lru_scan_backend": ["torch", "Native", "", None, 1, True, ["auto"]],  # "auto", "native", "chunked" only
     "hidden_act": ["nope", "", None, 3, ["silu"]],
     "logn_scaling": ["on", "log-n", None, True, 1, ["off"]],
     "tied_embedding_mode": ["swap", None, 0, ["plain"], "half-swap"],  # half-swap needs tie_word_embeddings

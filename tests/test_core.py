@@ -161,15 +161,36 @@ def test_left_padded_batch_equals_each_sequence_alone(attn):
             assert torch.equal(gen[i, width:], alone[0, len(s):])
 
 
-def test_right_padding_leaves_real_tokens_unchanged():
-    model = tiny_model()
-    ids = torch.randint(1, 128, (2, 10))
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_right_padding_is_hidden_from_the_tokens_after_it(attn):
+    """A right-padded prompt continued through the cache (a chunk of 3 tokens, then one more): the padding keys now
+    lie before real queries, and only the mask keeps them out. Each row equals its real tokens alone (positions
+    count real tokens). The padding holds ordinary ids, so the test can fail: at the same positions but visible,
+    they change the logits."""
+    model = tiny_model(attn=attn)
+    ids = torch.randint(1, 128, (2, 14), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
+    mask[1, 6:10] = 0  # row 1: 6 real tokens, 4 of padding, then 4 real tokens more
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def continued(mask, position_ids=None):
+        def part(start, end, cache):
+            return model(ids[:, start:end], attention_mask=mask[:, :end], cache=cache, use_cache=True,
+                         position_ids=None if position_ids is None else position_ids[:, start:end])
+        with torch.no_grad():
+            out = part(0, 10, None)
+            cache = output_cache(out)
+            return torch.cat([out.logits, part(10, 13, cache).logits, part(13, 14, cache).logits], 1)
+
+    logits = continued(mask)
     with torch.no_grad():
-        padded = model(ids, attention_mask=mask).logits
-        alone = model(ids[1:, :6]).logits
-    torch.testing.assert_close(padded[1, :6], alone[0], atol=1e-5, rtol=1e-5)
+        alone = model(ids[1:, mask[1].bool()]).logits[0]
+        full = model(ids[:1]).logits[0]
+    torch.testing.assert_close(logits[1, mask[1].bool()], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[0], full, atol=1e-5, rtol=1e-5)
+    shown = continued(torch.ones_like(mask), positions)  # the padding visible, every position as before
+    torch.testing.assert_close(shown[:, :6], logits[:, :6], atol=1e-5, rtol=1e-5)  # before the padding: the same
+    assert (shown[1, 10:] - logits[1, 10:]).abs().max() > 1e-3
 
 
 def test_sdpa_causal_path_builds_no_dense_mask(monkeypatch):

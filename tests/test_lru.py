@@ -1,5 +1,7 @@
 """LRU blocks and hybrid stacks (issue 7): scans vs the float64 loop, the mixer vs its formula, ring init, cached
-decoding and generate() vs the full forward, document resets, config errors, save -> load without longctx."""
+decoding and generate() vs the full forward, document resets, config errors, save -> load without longctx; the
+scan backend chosen by `config.lru_scan_backend`, the native one's compiler driver (`longctx.lru_native`) imported
+only when it may run (issue 16)."""
 
 import math
 import os
@@ -11,10 +13,12 @@ import pytest
 import torch
 from conftest import assert_same_in_fresh_process, tiny_config_kwargs
 from transformers.cache_utils import DynamicCache
+from transformers.testing_utils import CaptureLogger
 
-import longctx.lru
+import longctx.lru_native
 from longctx import LongCtxConfig, LongCtxForCausalLM
-from longctx.lru import LongCtxLRU, lru_scan, lru_scan_sequential, native_scan_unavailable
+from longctx.lru import LongCtxLRU, lru_scan, lru_scan_sequential
+from longctx.lru_native import native_scan_unavailable
 from longctx.modeling_longctx import output_cache
 
 
@@ -118,9 +122,9 @@ def test_fast_scan_gradients_equal_loop_autograd(backend):
 def fresh_native_scan(monkeypatch, tmp_path):
     """The native scan looked up afresh, with its kernel cache in `tmp_path`; looked up again after the test."""
     monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path))
-    longctx.lru._native_scan_library.cache_clear()
+    longctx.lru_native._native_scan_library.cache_clear()
     yield tmp_path
-    longctx.lru._native_scan_library.cache_clear()
+    longctx.lru_native._native_scan_library.cache_clear()
 
 
 NEEDS_NATIVE = pytest.mark.skipif(native_scan_unavailable() is not None,
@@ -133,14 +137,14 @@ def test_native_scan_is_compiled_once_into_the_cache_directory(fresh_native_scan
     lru_scan(lam, b, backend="native")
     [library] = (fresh_native_scan / "kernels").iterdir()  # one file, no temporaries left behind
     assert library.name.startswith("lru_scan-") and library.suffix == ".so"
-    longctx.lru._native_scan_library.cache_clear()
-    run = longctx.lru._run
+    longctx.lru_native._native_scan_library.cache_clear()
+    run = longctx.lru_native._run
 
     def no_compiling(command, **kwargs):
         assert "-shared" not in command, "compiled again although the library is in the cache"
         return run(command, **kwargs)
 
-    monkeypatch.setattr(longctx.lru, "_run", no_compiling)
+    monkeypatch.setattr(longctx.lru_native, "_run", no_compiling)
     assert relative_error(lru_scan(lam, b, backend="native"), float64_reference(lam, b)) <= 1e-5
 
 
@@ -153,7 +157,8 @@ def test_a_broken_cached_library_is_rebuilt(fresh_native_scan):
     [library] = (fresh_native_scan / "kernels").iterdir()
     library.unlink()  # a new file: overwriting the mapped one in place would crash this process
     library.write_bytes(b"not a library")
-    check = ("import torch; from longctx.lru import lru_scan, lru_scan_sequential, native_scan_unavailable\n"
+    check = ("import torch; from longctx.lru import lru_scan, lru_scan_sequential\n"
+             "from longctx.lru_native import native_scan_unavailable\n"
              "assert native_scan_unavailable() is None, native_scan_unavailable()\n"
              "lam = torch.polar(torch.full((4,), 0.9), torch.rand(4)); b = torch.randn(2, 40, 4, dtype=torch.cfloat)\n"
              "torch.testing.assert_close(lru_scan(lam, b, backend='native'), lru_scan_sequential(lam, b))")
@@ -171,17 +176,17 @@ def fake_compiler(tmp_path, script):
 
 
 @pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX owners and modes")
-@pytest.mark.parametrize("case", ["junk compiler", "shared cache", "no compiler", "turned off"])
+@pytest.mark.parametrize("case", ["junk compiler", "shared cache", "no compiler", "failing compiler"])
 def test_without_the_native_scan_the_chunked_one_runs(fresh_native_scan, monkeypatch, case):
     """No usable native scan — a compiler that writes junk (never loaded: it must reproduce the loop first), a cache
-    directory others can write, no compiler, or turned off: the default backend is the chunked scan, with the same
-    results, and asking for the native one by name says why it cannot run."""
+    directory others can write, no compiler, one that always fails: the default backend is the chunked scan, with
+    the same results, and asking for the native one by name says why it cannot run."""
     junk = 'for a; do out=$a; done; [ "$1" = --version ] || echo junk > "$out"'
     env, reason = {
         "junk compiler": ({"CC": fake_compiler(fresh_native_scan, junk)}, "failed|wrong|invalid ELF|too short"),
         "shared cache": ({}, "writable by other users"),
         "no compiler": ({"CC": "/nonexistent/cc"}, "CC='/nonexistent/cc' is not an executable C compiler"),
-        "turned off": ({"LONGCTX_NATIVE_SCAN": "off"}, "LONGCTX_NATIVE_SCAN=off"),
+        "failing compiler": ({"CC": "/bin/false"}, "/bin/false failed"),
     }[case]
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -191,7 +196,8 @@ def test_without_the_native_scan_the_chunked_one_runs(fresh_native_scan, monkeyp
     lam, (b, reset, x0) = ring_eigenvalues(4, 0.5, 0.99), random_inputs(2, 300, 4, reset_rate=0.01, with_x0=True)
     assert re.search(reason, native_scan_unavailable()), native_scan_unavailable()
     assert relative_error(lru_scan(lam, b, reset, x0), float64_reference(lam, b, reset, x0)) <= 1e-5
-    with pytest.raises(ValueError, match="backend='native' needs .* C compiler .*backend='chunked'"):
+    with pytest.raises(ValueError, match=rf"lru_scan_backend='native'\) needs a working C compiler and cannot run "
+                                         rf"here: .*({reason}).*Use lru_scan_backend='auto' .* or 'chunked'"):
         lru_scan(lam, b, backend="native")
     assert not any((fresh_native_scan / "kernels").glob("*.so"))
 
@@ -216,7 +222,8 @@ def test_scan_broadcasts_reset_and_x0_and_refuses_other_shapes(backend):
 
 
 def test_unknown_scan_backend_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"backend='fast' is not an LRU scan backend; use one of \('native', "):
+    with pytest.raises(ValueError, match=r"backend='fast' is not an LRU scan backend; use one of \('auto', 'native', "
+                                         r"'chunked'\)"):
         lru_scan(ring_eigenvalues(2, 0.5, 0.9), random_inputs(1, 3, 2)[0], backend="fast")
 
 
@@ -419,6 +426,8 @@ def test_cache_without_recurrent_slot_is_a_clear_error():
     ("block_types", ["lru"], "`block_types`=\\['lru'\\] .*one entry per layer \\(num_hidden_layers=2\\)"),
     ("block_types", ["lru", "mamba"], "`block_types`=.*'mamba'.*one of attention, lru"),
     ("block_types", "lru", "`block_types`='lru' .*expected a list with one entry per layer"),
+    ("lru_scan_backend", "torch", "`lru_scan_backend`='torch' is invalid; allowed: auto, native, chunked"),
+    ("lru_scan_backend", None, "`lru_scan_backend`=None is invalid; allowed: auto, native, chunked"),
 ])
 def test_invalid_lru_config_values_are_named(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -432,10 +441,152 @@ def test_block_types_derive_transformers_layer_types():
         ["LinearAttentionLayer", "DynamicLayer", "LinearAttentionLayer"]
 
 
+# --- the scan backend: config.lru_scan_backend ------------------------------------------------------------------------
+@pytest.fixture
+def native_calls(monkeypatch):
+    """The number of scans the native kernel has run (forward and backward) since the fixture was set up."""
+    calls, scan = [], longctx.lru_native.native_scan
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return scan(*args, **kwargs)
+
+    monkeypatch.setattr(longctx.lru_native, "native_scan", counting)
+    return calls
+
+
+def logits_and_grads(model, ids):
+    model.zero_grad()
+    out = model(ids, labels=ids, skip_logits=False)
+    out.loss.backward()
+    return out.logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if "lru" in name}
+
+
+@NEEDS_NATIVE
+def test_scan_backends_of_the_config_give_equal_outputs(native_calls):
+    """Same weights under "chunked", "native" and "auto": the same logits and LRU gradients (to float32 rounding);
+    the native kernel runs for "native" and "auto" on CPU and never for "chunked"."""
+    ids = torch.randint(0, 128, (2, 70), generator=torch.Generator().manual_seed(1))  # several chunks of 16
+    results = {}
+    for backend in ("chunked", "native", "auto"):
+        model = tiny_hybrid(["lru", "attention", "lru"], lru_scan_backend=backend).train()
+        assert model.config.lru_scan_backend == backend
+        before = len(native_calls)
+        results[backend] = logits_and_grads(model, ids)
+        assert (len(native_calls) > before) == (backend != "chunked"), backend  # forward and backward scans
+    for backend in ("native", "auto"):
+        torch.testing.assert_close(results[backend][0], results["chunked"][0], rtol=1e-5, atol=1e-5)
+        for name, grad in results["chunked"][1].items():
+            torch.testing.assert_close(results[backend][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert torch.equal(results["auto"][0], results["native"][0])  # "auto" is the native kernel here
+
+
+def test_native_backend_without_a_compiler_is_a_clear_error_and_auto_falls_back(fresh_native_scan, monkeypatch,
+                                                                                native_calls):
+    """CC=/bin/false (compiles nothing): "native" raises naming the reason and the alternatives; "auto" runs the
+    chunked scan, equal to "chunked", and says why once."""
+    monkeypatch.setenv("CC", "/bin/false")
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(2))
+    native = tiny_hybrid(["attention", "lru"], lru_scan_backend="native")
+    with pytest.raises(ValueError, match=r"The native LRU scan \(lru_scan_backend='native'\) needs a working C "
+                                         r"compiler and cannot run here: /bin/false failed.*Use "
+                                         r"lru_scan_backend='auto' \(native where it builds, else the chunked torch "
+                                         r"scan\) or 'chunked'"):
+        native(ids)
+    longctx.lru_native._native_scan_library.cache_clear()
+    monkeypatch.setenv("CC", fake_compiler(fresh_native_scan, "exit 3"))  # its path: a reason never logged before
+    with CaptureLogger(longctx.lru_native.logger) as captured, torch.no_grad():
+        auto = tiny_hybrid(["attention", "lru"], lru_scan_backend="auto")(ids).logits
+        tiny_hybrid(["attention", "lru"], lru_scan_backend="auto")(ids)
+    assert captured.out.count("The LRU scan runs its chunked torch backend on CPU (slower): ") == 1, captured.out
+    assert "fakecc failed" in captured.out
+    with torch.no_grad():
+        torch.testing.assert_close(auto, tiny_hybrid(["attention", "lru"], lru_scan_backend="chunked")(ids).logits,
+                                   rtol=0, atol=0)
+    assert not native_calls and not any((fresh_native_scan / "kernels").glob("*.so"))
+
+
+def test_deprecated_environment_switch_turns_off_only_auto(fresh_native_scan, monkeypatch, native_calls):
+    """LONGCTX_NATIVE_SCAN=0 (deprecated, a FutureWarning once): "auto" runs chunked without looking for a compiler;
+    the config field decides otherwise ("native" still runs natively where it can)."""
+    monkeypatch.setenv("LONGCTX_NATIVE_SCAN", "0")
+    longctx.lru._native_scan_turned_off.cache_clear()  # (it warns once per process)
+    lam, (b, reset, x0) = ring_eigenvalues(4, 0.5, 0.99), random_inputs(2, 100, 4, reset_rate=0.01, with_x0=True)
+    with pytest.warns(FutureWarning, match=r"LONGCTX_NATIVE_SCAN=0 is deprecated: set `config.lru_scan_backend = "
+                                           r"'chunked'`"):
+        got = lru_scan(lam, b, reset, x0)
+        model = tiny_hybrid(["attention", "lru"])
+        with torch.no_grad():
+            model(torch.randint(0, 128, (1, 20)))
+    assert relative_error(got, float64_reference(lam, b, reset, x0)) <= 1e-5 and not native_calls
+    assert longctx.lru_native._native_scan_library.cache_info().currsize == 0  # no compiler looked for
+    if native_scan_unavailable() is None:  # builds it: "native" is not turned off
+        torch.testing.assert_close(lru_scan(lam, b, reset, x0, backend="native"), got, rtol=1e-5, atol=1e-5)
+        assert native_calls
+
+
+LAZY_IMPORT_CHECK = """
+import sys, torch
+import longctx
+from longctx import LongCtxConfig, LongCtxForCausalLM
+config = LongCtxConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, block_types=["lru", "attention"], lru_state_size=16,
+                       lru_scan_backend="chunked")
+model = LongCtxForCausalLM(config)
+ids = torch.randint(0, 128, (2, 40))
+model(ids, labels=ids).loss.backward()
+model.eval().generate(ids[:, :8], max_new_tokens=3, do_sample=False, pad_token_id=0)
+assert "longctx.lru_native" not in sys.modules, "imported on the chunked backend"
+model.config.lru_scan_backend = "auto"
+model(ids)
+assert "longctx.lru_native" in sys.modules, "not imported for auto"
+"""
+
+
+def test_chunked_models_never_import_the_native_scan_module(tmp_path):
+    """In a fresh process: import longctx, train a step and generate on the chunked backend — `longctx.lru_native`
+    (the C-compiler driver) is not imported; switching the config to "auto" imports it."""
+    child = subprocess.run([sys.executable, "-c", LAZY_IMPORT_CHECK], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "LONGCTX_CACHE": str(tmp_path)})
+    assert child.returncode == 0, child.stderr[-3000:]
+
+
+REMOTE_NATIVE_CHECK = """
+import sys, torch
+sys.modules["longctx"] = None  # as on a machine where longctx is not installed
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+assert model.config.lru_scan_backend == "native", model.config.lru_scan_backend
+with torch.no_grad():
+    logits = model(torch.load(sys.argv[2])).logits
+native = [name for name in sys.modules if name.startswith("transformers_modules") and name.endswith(".lru_native")]
+assert native, "the checkpoint's lru_native was not imported"
+torch.save(logits, sys.argv[3])
+"""
+
+
+@NEEDS_NATIVE
+def test_remote_code_checkpoint_runs_the_native_scan_from_its_own_copy(tmp_path):
+    """A checkpoint saved with lru_scan_backend="native", loaded with trust_remote_code where longctx is not
+    importable: it compiles and runs its own copy of lru_native.py (in a fresh kernel cache), same logits."""
+    model = tiny_hybrid(["lru", "attention"], lru_scan_backend="native")
+    model.save_pretrained(tmp_path / "ckpt")
+    ids = torch.randint(0, 128, (2, 40))
+    torch.save(ids, tmp_path / "ids.pt")
+    child = subprocess.run([sys.executable, "-c", REMOTE_NATIVE_CHECK, str(tmp_path / "ckpt"), str(tmp_path / "ids.pt"),
+                            str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "LONGCTX_CACHE": str(tmp_path / "cache")})
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert any((tmp_path / "cache" / "kernels").glob("lru_scan-*.so"))
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "out.pt"), model(ids).logits)
+
+
 # --- save -> load ----------------------------------------------------------------------------------------------------
 def test_hybrid_save_load_in_fresh_process_without_longctx(tmp_path):
     model = tiny_hybrid(["lru", "attention", "lru"])
     model.save_pretrained(tmp_path / "ckpt")
-    assert (tmp_path / "ckpt" / "lru.py").exists()
+    for name in ("lru.py", "lru_native.py", "cache.py"):  # the files lru.py imports (lru_native lazily) go along
+        assert (tmp_path / "ckpt" / name).exists(), name
     ids = torch.randint(0, 128, (2, 30))
     assert_same_in_fresh_process(model, tmp_path / "ckpt", ids, tmp_path)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from conftest import left_padded, rotate_pairs, tiny_config_kwargs, tiny_model
+from formulas import frequency_table
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS as HF_ROPE_INIT_FUNCTIONS
 
@@ -202,7 +203,7 @@ def test_dynamic_attention_uses_each_query_own_table():
             if not mask[b, i]:
                 continue
             keys = [j for j in range(i + 1) if mask[b, j]]
-            theta = compute_inv_freq(config, int(positions[b, i]) + 1)[0]
+            theta = frequency_table(DYNAMIC, 16, 64, int(positions[b, i]) + 1)[0].float()  # not the code's table
             qi = rotate_pairs(q[b, :, i], positions[b, i] * theta)
             kj = rotate_pairs(k[b][:, keys], positions[b, keys][:, None] * theta)
             probs = torch.softmax((kj @ qi[..., None]).squeeze(-1) / 4.0, dim=-1)

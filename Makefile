@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo test test-all bench lint
+.PHONY: install demo test test-all bench lint finetune-study
 
 $(STAMP): pyproject.toml constraints-cpu.txt Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ install: $(STAMP)
 # The main job: the length-extrapolation sweep on the embedded default (trained once, then cached).
 demo: $(STAMP)
 	$(PY) -m eval.extrapolation --model default
+
+# Fine-tuning for length extension from the default (PI, NTK, ntk-mixed, YaRN; RESULTS.md section 4).
+finetune-study: $(STAMP)
+	$(PY) -m eval.finetune_study
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" --timeout 900

@@ -20,6 +20,7 @@ from longctx.rope import set_rope
 
 from . import report
 from .cli import add_common_arguments, eval_text, prepare, run_cli
+from . import metrics
 from .metrics import score_windows
 from .texts import (
     EVAL_SETS,
@@ -99,7 +100,8 @@ def run_sweep(model, tokenizer, documents, variants, lengths, settings, *, sets=
         for variant in variants:
             scheme = variant_scheme(variant, settings, length)
             key = report.RowCache.key(model=model_id, scheme=effective_scheme(scheme, length, settings),
-                                      length=length, set=eval_set, protocol=protocol, stride=stride, windows=digest)
+                                      length=length, set=eval_set, protocol=protocol, stride=stride, windows=digest,
+                                      metric=metrics.METRIC_VERSION)
             row = cache.get(key)
             if row is None:
                 bar.set_postfix_str(f"{variant} L={length} {eval_set}")
@@ -143,8 +145,8 @@ def protocol_record(session, args, sweep: Sweep, text: str) -> dict:
     if s.native_logn == "trained":
         logn = "the model was pre-trained with log n (Su's -log n): every row uses it; no +logn rows"
     record = {
-        "model": args.model, "model_fingerprint": session.loaded.fingerprint, "L_train": s.train_len,
-        "factor_k": s.factor, "rope_theta": s.rope_theta, "rerope_window": s.rerope_window,
+        "model": args.model, "model_fingerprint": session.loaded.fingerprint, "metric_version": metrics.METRIC_VERSION,
+        "L_train": s.train_len, "factor_k": s.factor, "rope_theta": s.rope_theta, "rerope_window": s.rerope_window,
         "leaky_factor": s.leaky_factor, "mixed_exponent": 0.625, "dynamic": DYNAMIC_PROTOCOL[s.dynamic],
         "logn": logn, "lengths": session.lengths,
         "sets": {"plain": f"documents of {text}, joined by EOS, cut into disjoint windows (positions 0..L-1)",

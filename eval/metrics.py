@@ -7,6 +7,10 @@ import math
 
 import torch
 
+# The version of the scoring below, part of every cached row's key and recorded with it: bump it with any change to
+# what a row's numbers mean (which tokens are scored, how they are aggregated), so old rows are recomputed, not mixed.
+METRIC_VERSION = 1
+
 def token_scores(model, input_ids: torch.Tensor):
     """(nll, correct), each (batch, L − 1): loss and argmax hit of predicting token t+1 from tokens 0..t.
 

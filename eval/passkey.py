@@ -33,6 +33,8 @@ FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. T
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# Part of every cached row's key (as eval.metrics.METRIC_VERSION): bump it with any change to how a trial is scored.
+PASSKEY_METRIC_VERSION = 1
 CSV_COLUMNS = ["variant", "rope_type", "logn_scaling", "length", "length_ratio", "depth", "trials", "accuracy",
                "answer_nll", "seconds"]
 
@@ -104,7 +106,7 @@ def run_passkey(model, tokenizer, variants, lengths, depths, settings, *, trials
             for variant in variants:
                 scheme = variant_scheme(variant, settings, length)
                 key = report.RowCache.key(model=model_id, scheme=effective_scheme(scheme, length, settings),
-                                          length=length, depth=depth, samples=digest)
+                                          length=length, depth=depth, samples=digest, metric=PASSKEY_METRIC_VERSION)
                 row = cache.get(key)
                 if row is None:
                     bar.set_postfix_str(f"{variant} L={length} depth={depth}")
@@ -212,7 +214,8 @@ def main(argv=None):
         print("error: no row could be scored (see the messages above).", file=sys.stderr)
         return 1
     s = session.settings
-    protocol = {"model": args.model, "model_fingerprint": session.loaded.fingerprint, "L_train": s.train_len,
+    protocol = {"model": args.model, "model_fingerprint": session.loaded.fingerprint,
+                "metric_version": PASSKEY_METRIC_VERSION, "L_train": s.train_len,
                 "factor_k": s.factor, "rerope_window": s.rerope_window, "leaky_factor": s.leaky_factor,
                 "dynamic": s.dynamic,
                 "prompt": INTRO + " [filler]" + NEEDLE + " [filler]" + QUESTION + " {key}", "filler": FILLER,

@@ -342,6 +342,51 @@ def pack_windows(tokenizer, documents: list[str], seq_len: int, batch_documents:
     return windows.with_format("torch")
 
 
+def _copy_spans(batch, indices, fraction, span, seed, eos_id, random_tokens):
+    """In place of tokens later in a window, a copy of an earlier span of it (see `add_copied_spans`)."""
+    ids = np.array(batch["input_ids"], dtype=np.int64)
+    length = ids.shape[1]
+    for row, index in enumerate(indices):
+        rng = np.random.default_rng((seed, index))  # per window: the same windows whatever the batching
+        if rng.random() >= fraction:
+            continue
+        size = int(rng.integers(span[0], span[1] + 1))
+        source = int(rng.integers(0, length - 2 * size + 1))
+        target = int(rng.integers(source + size, length - size + 1))
+        if random_tokens is not None:  # (first, last) ids: the span itself becomes tokens drawn uniformly
+            ids[row, source:source + size] = rng.integers(random_tokens[0], random_tokens[1] + 1, size)
+        ids[row, target:target + size] = ids[row, source:source + size]
+    starts = np.zeros_like(ids, dtype=bool)
+    starts[:, 0] = True
+    starts[:, 1:] = ids[:, :-1] == eos_id  # positions restart after every EOS, copied ones included
+    index = np.broadcast_to(np.arange(length), ids.shape)
+    last_start = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    return {"input_ids": ids, "position_ids": index - last_start}
+
+
+def add_copied_spans(windows, fraction: float, span: tuple[int, int], seed: int, eos_id: int, random_tokens=None):
+    """Training windows in which copying pays: in a `fraction` of them a span of `span[0]`..`span[1]` tokens is
+    written again later in the same window (overwriting what was there), at a random distance, so that predicting
+    the copy rewards looking back and continuing what followed last time — the induction behaviour that repeat-set
+    and passkey retrieval measure. Seeded per window (resumes and process counts see the same windows); the
+    held-out splits are never touched. `random_tokens=(first, last)`: the span is first replaced by ids drawn
+    uniformly from that range — unpredictable the first time, so only copying predicts its second occurrence (a
+    synthetic retrieval span in natural text). Returns a new `datasets.Dataset` of windows."""
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction={fraction!r} is invalid; expected a number in [0, 1]")
+    if fraction == 0:
+        return windows
+    length = len(windows[0]["input_ids"])
+    if not 1 <= span[0] <= span[1] <= length // 2:
+        raise ValueError(f"span={span!r} is invalid for windows of {length} tokens; expected 1 <= min <= max <= "
+                         f"{length // 2}")
+    copied = windows.with_format(None).map(
+        _copy_spans, batched=True, with_indices=True, desc="copy spans",
+        fn_kwargs={"fraction": fraction, "span": tuple(span), "seed": seed, "eos_id": eos_id,
+                   "random_tokens": random_tokens})
+    return copied.with_format("torch")
+
+
 def unigram_entropy(token_ids) -> float:
     """Entropy in nats of the token frequency distribution: the loss of the best context-free predictor."""
     counts = np.bincount(np.concatenate([np.asarray(t, dtype=np.int64).ravel() for t in token_ids]))
@@ -350,6 +395,6 @@ def unigram_entropy(token_ids) -> float:
 
 
 __all__ = [
-    "CORPORA", "SPLITS", "corpus_splits", "encode_documents", "load_documents", "load_tokenizer", "pack_windows",
+    "CORPORA", "SPLITS", "add_copied_spans", "corpus_splits", "encode_documents", "load_documents", "load_tokenizer", "pack_windows",
     "split_documents", "train_tokenizer", "unigram_entropy",
 ]

@@ -177,6 +177,58 @@ def test_packing_matches_a_plain_loop(tokenizer_dir):
         data.pack_windows(tokenizer, docs, 1)
 
 
+def test_copied_spans_repeat_an_earlier_span_of_the_same_window(tokenizer_dir, shakespeare):
+    """Each changed window differs from the packed one in one contiguous run of span[0]..span[1] tokens, equal to a
+    span ending no later than the run starts; positions restart after every EOS (written out as a loop); the same
+    seed gives the same windows, another seed others; fraction 0 changes nothing, and about `fraction` change."""
+    tokenizer = data.load_tokenizer(tokenizer_dir)
+    packed = data.pack_windows(tokenizer, [play[:12000] for play in shakespeare["train"][:6]], 128)
+    eos = tokenizer.eos_token_id
+    assert data.add_copied_spans(packed, 0.0, (8, 32), 0, eos) is packed
+    copied = data.add_copied_spans(packed, 0.5, (8, 32), 0, eos)[:]
+    original = packed[:]
+    changed = 0
+    for before, after, positions in zip(original["input_ids"].tolist(), copied["input_ids"].tolist(),
+                                        copied["position_ids"].tolist()):
+        diff = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+        if diff:
+            changed += 1
+            first, last = diff[0], diff[-1]
+            assert last - first < 32
+            assert any(after[target:target + size] == after[start:start + size]
+                       for size in range(8, 33) for target in range(max(size, last + 1 - size), first + 1)
+                       if target + size <= 128 for start in range(target - size + 1)), \
+                "the changed tokens are not a copy of an earlier span"
+        expected, position = [], 0
+        for i, token in enumerate(after):
+            position = 0 if i == 0 or after[i - 1] == eos else position + 1
+            expected.append(position)
+        assert positions == expected
+    assert 0.3 * len(original["input_ids"]) < changed < 0.7 * len(original["input_ids"])
+    assert data.add_copied_spans(packed, 0.5, (8, 32), 0, eos)[:]["input_ids"].tolist() == copied["input_ids"].tolist()
+    assert data.add_copied_spans(packed, 0.5, (8, 32), 1, eos)[:]["input_ids"].tolist() != copied["input_ids"].tolist()
+    with pytest.raises(ValueError, match=r"span=\(8, 100\) is invalid for windows of 128 tokens"):
+        data.add_copied_spans(packed, 0.5, (8, 100), 0, eos)
+
+
+def test_random_copied_spans_draw_their_tokens_from_the_range_and_repeat_them(tokenizer_dir, shakespeare):
+    """copy_source "random": a changed window holds a run of ids from the range, the same run again later, and the
+    packed tokens everywhere else."""
+    tokenizer = data.load_tokenizer(tokenizer_dir)
+    packed = data.pack_windows(tokenizer, [play[:12000] for play in shakespeare["train"][:6]], 128)
+    seen = set(packed[:]["input_ids"].flatten().tolist())
+    low = next(i for i in range(len(tokenizer) - 10) if not seen & set(range(i, i + 10)))  # ten ids the text lacks
+    high = low + 9
+    copied = data.add_copied_spans(packed, 1.0, (8, 16), 0, tokenizer.eos_token_id, random_tokens=(low, high))[:]
+    for before, after in zip(packed[:]["input_ids"].tolist(), copied["input_ids"].tolist()):
+        drawn = [i for i, t in enumerate(after) if low <= t <= high]
+        size = len(drawn) // 2  # the source run, then its copy (possibly adjacent)
+        a, b = drawn[0], drawn[-1] - size + 1
+        assert 8 <= size <= 16 and drawn == list(range(a, a + size)) + list(range(b, b + size))
+        assert [t for i, t in enumerate(after) if i not in drawn] == [t for i, t in enumerate(before) if i not in drawn]
+        assert after[a:a + size] == after[b:b + size]
+
+
 def _spans(token_ids, width, count, rng):
     starts = rng.sample(range(0, len(token_ids) - width), min(count, len(token_ids) - width))
     return [",".join(map(str, token_ids[s:s + width])) for s in starts]

@@ -407,6 +407,26 @@ def test_extrapolation_cli_end_to_end_writes_every_report(standin, tmp_path, cap
     before = {p: p.stat().st_mtime_ns for p in (run / "cache").iterdir()}
     assert extrapolation.main(argv) == 0  # resumes: every row comes from the cache
     assert {p: p.stat().st_mtime_ns for p in (run / "cache").iterdir()} == before
+    assert protocol["metric_version"] == metrics.METRIC_VERSION
+
+
+def test_a_new_metric_version_recomputes_every_cached_row(standin, tmp_path, monkeypatch):
+    """Rows are keyed by the scoring's version: after a change to scoring (a bumped version) none is reused."""
+    argv = ["--model", str(standin["dir"]), "--corpus", str(standin["corpus"]), "--lengths", "1x", "--variants",
+            "baseline", "--max-tokens", "64", "--output-dir", str(tmp_path), "--run", "v", "--no-progress"]
+    assert extrapolation.main(argv) == 0
+    first = set((tmp_path / "v" / "cache").iterdir())
+    monkeypatch.setattr(metrics, "METRIC_VERSION", metrics.METRIC_VERSION + 1)
+    assert extrapolation.main(argv) == 0
+    assert first < set((tmp_path / "v" / "cache").iterdir())  # as many new rows again, beside the old ones
+    assert len(set((tmp_path / "v" / "cache").iterdir())) == 2 * len(first)
+    pk = ["--model", str(standin["dir"]), "--lengths", "320", "--variants", "baseline", "--depths", "0", "--trials",
+          "1", "--output-dir", str(tmp_path), "--run", "p", "--no-progress"]
+    assert passkey.main(pk) == 0
+    rows = set((tmp_path / "p" / "passkey-cache").iterdir())
+    monkeypatch.setattr(passkey, "PASSKEY_METRIC_VERSION", passkey.PASSKEY_METRIC_VERSION + 1)
+    assert passkey.main(pk) == 0
+    assert len(set((tmp_path / "p" / "passkey-cache").iterdir())) == 2 * len(rows)
 
 
 def test_passkey_prompt_is_exact_and_scoring_equals_greedy_decoding(loaded):
@@ -474,3 +494,28 @@ def test_reports_are_written_atomically_with_the_permissions_open_gives(tmp_path
     assert (tmp_path / "table.md").read_text() == "| a |\n"
     assert (tmp_path / "table.md").stat().st_mode & 0o777 == (tmp_path / "plain.md").stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_the_finetune_study_trains_each_scheme_and_tables_it(standin, tmp_path, capsys):
+    """`python -m eval.finetune_study` end to end on the stand-in: each scheme one fine-tuning run at k × L_train
+    (k = 8: the passkey prompt needs 239 tokens), its own `python -m train` command), the base scored before, the table, curves and files written."""
+    from eval import finetune_study
+
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    argv = ["--base", str(standin["dir"]), "--corpus", str(standin["corpus"]), "--schemes", "yarn",
+            "--factor", "8", "--steps", "2", "2", "--batch-size", "2", "--trials", "1", "--runs", str(runs),
+            "--out", str(out)]
+    assert finetune_study.main(argv) == 0
+    study = json.loads((out / "study.json").read_text())
+    assert [(r["variant"], r["steps"]) for r in study["rows"]] == [("yarn", 0), ("yarn", 2)]
+    for row in study["rows"]:
+        assert row["ppl_plain_1x"] > 1 and row["ppl_repeat_kx"] > 1 and 0 <= row["passkey_kx"] <= 1
+        assert (row["tokens"] == row["steps"] * 2 * 8 * TRAIN_LEN) and (row["val_loss_long"] is None) == (row["steps"] == 0)
+    config = json.loads((runs / "yarn-2" / "model" / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "yarn" and config["rope_parameters"]["factor"] == 8
+    assert config["rope_parameters"]["original_max_position_embeddings"] == TRAIN_LEN
+    assert (out / "study.png").stat().st_size > 0 and "| yarn | 2 |" in (out / "study.md").read_text()
+    capsys.readouterr()
+    assert finetune_study.main(argv) == 0  # finished runs are kept: nothing trains again
+    out = capsys.readouterr().out
+    assert " -m eval.extrapolation " in out and " -m train " not in out

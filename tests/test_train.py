@@ -201,6 +201,12 @@ def test_two_cpu_processes_match_one_at_the_same_global_batch(tmp_path, corpus):
     (["--corpus", "{mixed}"], r"mixed': expected files of one type .* got \['.jsonl', '.txt'\]"),
     (["--corpus", "{empty.jsonl}"], r"empty.jsonl is empty"),
     (["--corpus", "{broken.jsonl}"], r"broken.jsonl line 2 is not JSON"),
+    # copied-span augmentation (longctx.data.add_copied_spans)
+    (["--copy_fraction", "1.5"], r"`copy_fraction`=1.5 is invalid"),
+    (["--copy_span", "[8]"], r"`copy_span`=\[8\] is invalid; expected \[min, max\] tokens"),
+    (["--copy_span", "[40, 20]"], r"`copy_span`=\[40, 20\] is invalid"),
+    (["--copy_span", "[8, 100]", "--copy_fraction", "0.5"], r"`copy_span`=\[8, 100\] is invalid; .* <= seq_len / 2"),
+    (["--copy_source", "noise"], r"`copy_source`='noise' is invalid; allowed: text, random"),
 ])
 def test_bad_input_stops_before_training_with_a_clear_message(tmp_path, corpus, capsys, args, message):
     (tmp_path / "file").write_text("a regular file, not a directory")

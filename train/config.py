@@ -15,6 +15,7 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PRESETS = ("tiny", "small", "125m", "350m")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+COPY_SOURCES = ("text", "random")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 # LongCtxConfig fields the pipeline sets itself: from the tokenizer, from seq_len, or derived by the config.
 PIPELINE_MODEL_FIELDS = {"vocab_size": "the tokenizer", "bos_token_id": "the tokenizer",
@@ -37,6 +38,9 @@ DEFAULTS = {
     "vocab_size": 4096,         # sentencepiece BPE trained on the train split (ignored with init_from)
     "seq_len": 256,             # tokens per training window (L_train; the length of fine-tuning with init_from)
     "seq_len_multiple": 64,     # seq_len must be a multiple of this
+    "copy_fraction": 0.0,       # training windows with a span copied later in them (longctx.data.add_copied_spans)
+    "copy_span": [16, 64],      # the copied span's length in tokens, [min, max]
+    "copy_source": "text",      # the span copied: "text" (the window's own) or "random" (uniform ids: a retrieval span)
     "model": {},                # LongCtxConfig fields: architecture and position scheme
     "attn_implementation": "sdpa",
     "gradient_checkpointing": False,
@@ -264,8 +268,18 @@ def resolve_config(config: dict) -> dict:
         _check_int(key, config[key], 0)
     for key in ("lr", "min_lr", "weight_decay", "grad_clip"):
         _check_float(key, config[key])
-    for key in ("beta1", "beta2"):
+    for key in ("beta1", "beta2", "copy_fraction"):
         _check_float(key, config[key], 0.0, 1.0)
+    span = config["copy_span"]
+    if (not isinstance(span, (list, tuple)) or len(span) != 2 or any(isinstance(v, bool) or not isinstance(v, int)
+                                                                     for v in span)
+            or not 1 <= span[0] <= span[1]
+            or (config["copy_fraction"] > 0 and span[1] > config["seq_len"] // 2)):  # checked when used
+        _fail("copy_span", span, f"expected [min, max] tokens with 1 <= min <= max <= seq_len / 2 = "
+                                 f"{config['seq_len'] // 2}")
+    config["copy_span"] = list(span)
+    if config["copy_source"] not in COPY_SOURCES:
+        _fail("copy_source", config["copy_source"], f"allowed: {', '.join(COPY_SOURCES)}")
     if config["lr"] <= 0:
         _fail("lr", config["lr"], "must be > 0")
     if config["min_lr"] > config["lr"]:

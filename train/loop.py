@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from longctx import LongCtxConfig, LongCtxForCausalLM
 from longctx.configuration_longctx import original_max_positions
 from longctx.files import check_model_source
-from longctx.data import corpus_splits, load_tokenizer, pack_windows, progress_bars, train_tokenizer
+from longctx.data import add_copied_spans, corpus_splits, load_tokenizer, pack_windows, progress_bars, train_tokenizer
 from longctx.rope import set_rope
 
 from .checkpoint import (
@@ -290,7 +290,10 @@ def _train(config):
         with accelerator.main_process_first():
             tokenizer = get_tokenizer(config, splits["train"], out_dir)
     seq_len = config["seq_len"]
-    train_windows = pack_windows(tokenizer, splits["train"], seq_len)
+    first_id = max(tokenizer.all_special_ids, default=-1) + 1  # random spans draw ordinary tokens only
+    random_tokens = (first_id, len(tokenizer) - 1) if config["copy_source"] == "random" else None
+    train_windows = add_copied_spans(pack_windows(tokenizer, splits["train"], seq_len), config["copy_fraction"],
+                                     config["copy_span"], config["seed"], tokenizer.eos_token_id, random_tokens)
     val_windows = pack_windows(tokenizer, splits["validation"], seq_len)
     per_process = config["batch_size"] // world
     if len(train_windows) < config["batch_size"]:

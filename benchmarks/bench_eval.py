@@ -2,8 +2,8 @@
 the same windows (`model(ids)`, full logits; `ratio`), per eval length and for the whole sweep call. Also shown:
 `model(ids, labels=ids)` (transformers' loss). Target: sweep ≥ 0.9 × plain. A window of L tokens scores L − 1.
 
-Per length, the sweep's row time covers `set_rope`, the forward, loss, accuracy and the by-position curve; the
-whole-call line adds what a sweep does once (tokenising the text, windows, digests, cache writes). Usage:
+Per length, the sweep's row time covers the forward, loss, accuracy and the by-position curve; the whole-call
+line adds `set_rope` (the engine's, before each row) and what a sweep does once (tokenising the text, windows, digests, cache writes). Usage:
     python -m benchmarks.bench_eval [--model default] [--lengths 256 1024 4096] [--variants baseline] [--repeats 3]
 """
 
@@ -57,16 +57,16 @@ def main():
     settings = make_settings(model.config, max(lengths))
     documents, _ = eval_text(argparse.Namespace(corpus=None, split="test", split_seed=None), loaded)
     stream = token_stream(tokenizer, documents, max_tokens=args.max_tokens + 2 * max(lengths))
-    row_seconds = {}  # length -> CLOCK seconds of the sweep's rows (score_cell: set_rope, forward, loss, curve)
-    real_score_cell = extrapolation.score_cell
+    row_seconds = {}  # length -> CLOCK seconds of the sweep's rows (Extrapolation.score: forward, loss, curve)
+    real_score = extrapolation.Extrapolation.score
 
-    def timed_score_cell(*cell_args, **kwargs):
+    def timed_score(*score_args, **kwargs):
         start = CLOCK()
-        row = real_score_cell(*cell_args, **kwargs)
+        row = real_score(*score_args, **kwargs)
         row_seconds.setdefault(row["length"], []).append(CLOCK() - start)
         return row
 
-    extrapolation.score_cell = timed_score_cell
+    extrapolation.Extrapolation.score = timed_score
     rows = []
     for variant in args.variants:
         row_seconds.clear()

@@ -48,6 +48,14 @@ def add_common_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
+def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser of `python -m eval.NAME` with the arguments every sweep shares; the command adds its own."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    return parser
+
+
 def parse_lengths(tokens, train_len: int) -> list[int]:
     """'2x' -> 2·L_train, '4096' -> 4096; sorted, without duplicates; each at least 2 tokens."""
     lengths = set()

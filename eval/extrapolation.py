@@ -8,30 +8,26 @@ scheme with `set_rope` (never reloading weights). Each finished row is cached on
 sweep resumes where it stopped. Writes RUN_DIR/extrapolation.{csv,json,md,png} and prints the table.
 """
 
-import argparse
-import shlex
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
+from typing import ClassVar
 
 from tqdm.auto import tqdm
 
-from longctx.rope import set_rope
-
-from . import report
-from .cli import add_common_arguments, eval_text, prepare, run_cli
-from . import metrics
+from . import report, sweep
+from .cli import eval_text, make_parser, run_cli
 from .metrics import score_windows
 from .texts import (
     EVAL_SETS,
-    TextTooShort,
     chunked_windows,
     leading_bos,
     sliding_windows,
     token_stream,
     windows_for_budget,
 )
-from .variants import BASE_VARIANTS, LOGN, effective_scheme, variant_scheme
+from .variants import BASE_VARIANTS, LOGN
 
 DYNAMIC_PROTOCOL = {
     "prefill": "prefill: the window length l sets the scale for the whole window, as HF's full forward and YaRN's "
@@ -43,7 +39,7 @@ CSV_COLUMNS = ["variant", "rope_type", "logn_scaling", "set", "protocol", "strid
                "windows", "tokens_scored", "perplexity", "accuracy", "loss", "seconds", "scored_tokens_per_s"]
 
 
-def cells(lengths, sets, sliding):
+def sweep_order(lengths, sets, sliding):
     """(length, set, protocol, stride) in sweep order: short lengths first, so early rows are useful."""
     for length in lengths:
         for eval_set in sets:
@@ -59,113 +55,114 @@ def build_windows(stream, length, eval_set, protocol, stride, max_tokens, bos):
 
 
 @dataclass
-class Sweep:
-    rows: list  # one dict per (length, set, protocol, variant), in sweep order
-    skipped: list  # the (length, set, protocol) cells the text was too short for, with the reason
-    text_tokens: int  # tokens of eval text read
-    bos: int | None  # BOS id prepended to every window, if the tokenizer does so itself
-
-
-def run_sweep(model, tokenizer, documents, variants, lengths, settings, *, sets=EVAL_SETS, max_tokens=4096,
-              sliding=None, batch_tokens=8192, cache=None, model_id="model", progress=True, log=None) -> Sweep:
-    """Score every (length, set, protocol, variant) cell, reading finished rows from `cache` (a `RowCache`).
+class Extrapolation:
+    """Perplexity, next-token accuracy and the by-position loss of each (length, set, protocol) cell (SPEC §3).
 
     `max_tokens` bounds the tokens per row: ⌊max_tokens / L⌋ chunked windows of L tokens (at least one), or
-    ⌊max_tokens / S⌋ sliding windows; so a row costs about the same at every length but for attention. Cells
-    the text is too short for are skipped with a message. A cached row's key holds the model id, the variant's
-    exact scheme, the length, set, protocol and a digest of the token windows, so any change to them recomputes
-    the row; variants that compute bit-identical numbers at a length (`effective_scheme`: `+logn` within
-    L_train) share one row.
+    ⌊max_tokens / S⌋ sliding windows of stride S = `sliding`; so a row costs about the same at every length but
+    for attention. `batch_tokens` bounds the tokens of one forward.
     """
-    if sliding is not None and (isinstance(sliding, bool) or not isinstance(sliding, int) or sliding < 1):
-        raise ValueError(f"--sliding stride {sliding!r} is invalid; it must be a whole number of tokens >= 1 "
-                         "(or leave --sliding out).")
-    log = log or (lambda message: tqdm.write(message, file=sys.stderr))
-    cache = cache if cache is not None else report.MemoryCache()
-    bos = leading_bos(tokenizer)
-    needed = max_tokens + 2 * max(lengths) + (sliding or 0) * windows_for_budget(max_tokens, sliding or 1)
-    stream = token_stream(tokenizer, documents, max_tokens=needed)
-    plan = list(cells(lengths, sets, sliding))
-    sweep = Sweep([], [], len(stream), bos)
-    bar = tqdm(total=len(plan) * len(variants), desc="sweep", unit="row", disable=not progress)
-    for length, eval_set, protocol, stride in plan:
-        try:
-            windows = build_windows(stream, length, eval_set, protocol, stride, max_tokens, bos)
-        except TextTooShort as err:
-            log(f"skipped length {length} ({eval_set}, {protocol}): {err}.")
-            sweep.skipped.append({"length": length, "set": eval_set, "protocol": protocol, "reason": str(err)})
-            bar.update(len(variants))
-            continue
-        digest = report.RowCache.key(windows=windows.tolist())
-        for variant in variants:
-            scheme = variant_scheme(variant, settings, length)
-            key = report.RowCache.key(model=model_id, scheme=effective_scheme(scheme, length, settings),
-                                      length=length, set=eval_set, protocol=protocol, stride=stride, windows=digest,
-                                      metric=metrics.METRIC_VERSION)
-            row = cache.get(key)
-            if row is None:
-                bar.set_postfix_str(f"{variant} L={length} {eval_set}")
-                row = score_cell(model, windows, variant, scheme, settings, eval_set, protocol, stride,
-                                 batch_tokens, progress)
-                cache.put(key, row)
-            sweep.rows.append({**row, **row_labels(variant, scheme)})
-            bar.update(1)
-    bar.close()
-    return sweep
+
+    documents: list  # the eval text
+    text: str = "the eval text"  # how the protocol names it
+    sets: tuple = EVAL_SETS
+    max_tokens: int = 4096
+    sliding: int | None = None
+    batch_tokens: int = 8192
+
+    name: ClassVar[str] = "extrapolation"
+    title: ClassVar[str] = "Length extrapolation"
+    # The version of the scoring (`eval.metrics`): bump it with any change to what a row's numbers mean (which
+    # tokens are scored, how they are aggregated), so old cached rows are recomputed, not mixed.
+    metric_version: ClassVar[int] = 1
+    columns: ClassVar[list] = CSV_COLUMNS
+    labels: ClassVar[tuple] = ("variant", "rope_type", "logn_scaling", "rope_parameters")
+    cache_dir: ClassVar[str] = "cache"
+
+    def __post_init__(self):
+        sliding = self.sliding
+        if sliding is not None and (isinstance(sliding, bool) or not isinstance(sliding, int) or sliding < 1):
+            raise ValueError(f"--sliding stride {sliding!r} is invalid; it must be a whole number of tokens >= 1 "
+                             "(or leave --sliding out).")
+
+    @classmethod
+    def from_args(cls, args, session):
+        documents, text = eval_text(args, session.loaded)
+        return cls(documents, text, args.sets, args.max_tokens, args.sliding, args.batch_tokens)
+
+    def cells(self, tokenizer, lengths, settings):
+        bos, sliding = leading_bos(tokenizer), self.sliding or 0
+        needed = self.max_tokens + 2 * max(lengths) + sliding * windows_for_budget(self.max_tokens, sliding or 1)
+        stream = token_stream(tokenizer, self.documents, max_tokens=needed)
+        plan = [sweep.Cell(length, length / settings.train_len, {"set": s, "protocol": p, "stride": stride},
+                           f"({s}, {p})", partial(build_windows, stream, length, s, p, stride, self.max_tokens, bos),
+                           skip_keys=("set", "protocol"))
+                for length, s, p, stride in sweep_order(lengths, self.sets, self.sliding)]
+        return plan, {"bos": bos is not None, "text_tokens_read": len(stream)}
+
+    def digest(self, windows) -> dict:
+        return {"windows": report.RowCache.key(windows=windows.tolist())}
+
+    def score(self, model, cell, windows, variant, progress) -> dict:
+        """Score the windows of one cell (the variant's scheme is set); the row's columns."""
+        protocol, stride = cell.condition["protocol"], cell.condition["stride"]
+        inner = tqdm(total=len(windows), desc=f"  {variant} L={cell.length} {cell.condition['set']}", unit="window",
+                     leave=False, disable=not progress or len(windows) < 2)
+        start = time.perf_counter()
+        score = score_windows(model, windows, stride if protocol == "sliding" else None,
+                              max(1, self.batch_tokens // cell.length), inner)
+        seconds = time.perf_counter() - start
+        inner.close()
+        return {**cell.condition, "length": cell.length, "length_ratio": cell.length_ratio, "windows": len(windows),
+                "tokens_scored": score.count, "perplexity": score.perplexity, "accuracy": score.accuracy,
+                "loss": score.loss, "seconds": seconds, "scored_tokens_per_s": score.count / max(seconds, 1e-9),
+                "by_position": score.by_position()}
+
+    def protocol(self, session) -> dict:
+        s = session.settings
+        logn = "+logn = Su's logn† (posthoc): q at position p × max(1, log(p+1)/log(L_train))"
+        if s.native_logn == "trained":
+            logn = "the model was pre-trained with log n (Su's -log n): every row uses it; no +logn rows"
+        sliding = {}
+        if self.sliding:
+            sliding["sliding"] = f"plain set, windows of L every S={self.sliding} tokens, last S predictions scored"
+        return {
+            "rope_theta": s.rope_theta, "rerope_window": s.rerope_window, "leaky_factor": s.leaky_factor,
+            "mixed_exponent": 0.625, "dynamic": DYNAMIC_PROTOCOL[s.dynamic], "logn": logn, "lengths": session.lengths,
+            "sets": {"plain": f"documents of {self.text}, joined by EOS, cut into disjoint windows (positions 0..L-1)",
+                     "repeat": "each window = one segment of ceil(L/2) held-out tokens written twice, cut to L"},
+            "chunked": "every prediction of every window scored (L − 1 per window)", **sliding,
+            "by_position": "loss at each query position p (predicting token p + 1), mean over the chunked windows",
+            "max_tokens_per_row": f"{self.max_tokens}: floor(max_tokens / L) windows per row, at least one",
+            "aggregation": "token-weighted: perplexity = exp(total NLL / tokens scored)",
+        }
+
+    def tables(self, rows) -> list[report.Table]:
+        return tables(rows)
+
+    def skipped_line(self, record) -> str:
+        return f"- length {record['length']} ({record['set']}, {record['protocol']}): {record['reason']}"
+
+    def summary(self, session) -> str:
+        return f"L_train={session.settings.train_len}, k={session.settings.factor:g}"
+
+    def plot(self, rows, protocol, path):
+        plot(rows, protocol, path)
 
 
-def row_labels(variant, scheme) -> dict:
-    return {"variant": variant, "rope_type": scheme["rope_parameters"]["rope_type"],
-            "logn_scaling": scheme["logn_scaling"], "rope_parameters": scheme["rope_parameters"]}
-
-
-def score_cell(model, windows, variant, scheme, settings, eval_set, protocol, stride, batch_tokens, progress):
-    """One row: switch the position scheme in place (`set_rope`) and score the windows."""
-    set_rope(model, **scheme)
-    length = windows.shape[1]
-    inner = tqdm(total=len(windows), desc=f"  {variant} L={length} {eval_set}", unit="window", leave=False,
-                 disable=not progress or len(windows) < 2)
-    start = time.perf_counter()
-    score = score_windows(model, windows, stride if protocol == "sliding" else None,
-                          max(1, batch_tokens // length), inner)
-    seconds = time.perf_counter() - start
-    inner.close()
-    return {**row_labels(variant, scheme), "set": eval_set, "protocol": protocol, "stride": stride,
-            "length": length, "length_ratio": length / settings.train_len, "windows": len(windows),
-            "tokens_scored": score.count, "perplexity": score.perplexity, "accuracy": score.accuracy,
-            "loss": score.loss, "seconds": seconds, "scored_tokens_per_s": score.count / max(seconds, 1e-9),
-            "by_position": score.by_position()}
+def run_sweep(model, tokenizer, documents, variants, lengths, settings, *, cache=None, model_id="model",
+              progress=True, log=None, **options) -> sweep.Sweep:
+    """Score every (length, set, protocol, variant) cell of `documents` (`sweep.run` of an `Extrapolation`),
+    reading finished rows from `cache` (a `report.RowCache`). `options` are `Extrapolation`'s: `sets`,
+    `max_tokens`, `sliding`, `batch_tokens`. Cells the text is too short for are skipped with a message.
+    """
+    return sweep.run(Extrapolation(documents, **options), model, tokenizer, variants, lengths, settings, cache=cache,
+                     model_id=model_id, progress=progress, log=log)
 
 
 # --- reports ------------------------------------------------------------------------------------------------------
-def protocol_record(session, args, sweep: Sweep, text: str) -> dict:
-    """Everything the numbers depend on, written beside them (SPEC §3)."""
-    s = session.settings
-    logn = "+logn = Su's logn† (posthoc): q at position p × max(1, log(p+1)/log(L_train))"
-    if s.native_logn == "trained":
-        logn = "the model was pre-trained with log n (Su's -log n): every row uses it; no +logn rows"
-    record = {
-        "model": args.model, "model_fingerprint": session.loaded.fingerprint, "metric_version": metrics.METRIC_VERSION,
-        "L_train": s.train_len, "factor_k": s.factor, "rope_theta": s.rope_theta, "rerope_window": s.rerope_window,
-        "leaky_factor": s.leaky_factor, "mixed_exponent": 0.625, "dynamic": DYNAMIC_PROTOCOL[s.dynamic],
-        "logn": logn, "lengths": session.lengths,
-        "sets": {"plain": f"documents of {text}, joined by EOS, cut into disjoint windows (positions 0..L-1)",
-                 "repeat": "each window = one segment of ceil(L/2) held-out tokens written twice, cut to L"},
-        "chunked": "every prediction of every window scored (L − 1 per window)",
-        "by_position": "loss at each query position p (predicting token p + 1), mean over the chunked windows",
-        "max_tokens_per_row": f"{args.max_tokens}: floor(max_tokens / L) windows per row, at least one",
-        "aggregation": "token-weighted: perplexity = exp(total NLL / tokens scored)",
-        "bos": sweep.bos is not None, "text_tokens_read": sweep.text_tokens, "device": session.device,
-        "dtype": session.dtype, "attn_implementation": session.loaded.model.config._attn_implementation,
-        "command": session.command, "date": session.started,
-    }
-    if args.sliding:
-        record["sliding"] = f"plain set, windows of L every S={args.sliding} tokens, last S predictions scored"
-    return record
-
-
-def tables(rows) -> list[tuple[str, list, list]]:
-    """(title, header, body) per (set, protocol): variants × lengths, cells 'perplexity (accuracy %)'."""
+def tables(rows) -> list[report.Table]:
+    """One per (set, protocol): variants × lengths, cells 'perplexity (accuracy %)'."""
     out = []
     for eval_set, protocol in dict.fromkeys((r["set"], r["protocol"]) for r in rows):
         part = [r for r in rows if r["set"] == eval_set and r["protocol"] == protocol]
@@ -173,24 +170,8 @@ def tables(rows) -> list[tuple[str, list, list]]:
                                                lambda r: f"{report.fmt(r['perplexity'])} ({100 * r['accuracy']:.1f})")
         title = f"{eval_set} set, {protocol}: perplexity (next-token accuracy %) by eval length"
         header = ["variant"] + [str(n) for n in lengths]
-        out.append((title, header, [[variant] + line for variant, line in zip(variants, body)]))
+        out.append(report.Table(title, header, [[variant] + line for variant, line in zip(variants, body)]))
     return out
-
-
-def write_reports(run_dir, rows, protocol, skipped) -> dict:
-    """extrapolation.{csv,json,md,png} under `run_dir`; returns their paths."""
-    paths = {ext: run_dir / f"extrapolation.{ext}" for ext in ("csv", "json", "md", "png")}
-    report.write_csv(paths["csv"], rows, CSV_COLUMNS)
-    report.write_json(paths["json"], {"protocol": protocol, "skipped": skipped, "rows": rows})
-    lines = [f"# Length extrapolation: {protocol['model']}", "", "## Protocol", "", report.protocol_markdown(protocol)]
-    for title, header, body in tables(rows):
-        lines += ["", f"## {title}", "", report.markdown_table(header, body)]
-    if skipped:
-        lines += ["", "## Skipped", ""] + [f"- length {s['length']} ({s['set']}, {s['protocol']}): {s['reason']}"
-                                           for s in skipped]
-    report.atomic_write(paths["md"], "\n".join(lines) + "\n")
-    plot(rows, protocol, paths["png"])
-    return paths
 
 
 def log_binned(curve: dict, per_octave=3) -> tuple[list, list]:
@@ -256,9 +237,7 @@ def plot(rows, protocol, path):
 
 # --- command line -------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m eval.extrapolation", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
+    parser = make_parser("python -m eval.extrapolation", __doc__)
     parser.add_argument("--sets", nargs="+", default=list(EVAL_SETS), choices=EVAL_SETS, help="Su's eval sets")
     parser.add_argument("--max-tokens", type=int, default=4096,
                         help="token budget per row: ⌊max_tokens / L⌋ windows of length L, at least one (sliding: "
@@ -274,30 +253,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    session = prepare(args, f"python -m eval.extrapolation {shlex.join(argv)}")
-    documents, text = eval_text(args, session.loaded)
-    cache = report.RowCache(session.run_dir / "cache")
-    try:
-        sweep = run_sweep(session.loaded.model, session.loaded.tokenizer, documents, session.variants,
-                          session.lengths, session.settings, sets=args.sets, max_tokens=args.max_tokens,
-                          sliding=args.sliding, batch_tokens=args.batch_tokens, cache=cache,
-                          model_id=session.loaded.fingerprint, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: the finished rows are kept in {cache.directory}; run the same command to resume.",
-              file=sys.stderr)
-        return 130
-    if not sweep.rows:
-        print("error: no row could be scored (see the messages above).", file=sys.stderr)
-        return 1
-    protocol = protocol_record(session, args, sweep, text)
-    paths = write_reports(session.run_dir, sweep.rows, protocol, sweep.skipped)
-    for title, header, body in tables(sweep.rows):
-        print(f"\n{title}\n{report.text_table(header, body)}")
-    print(f"\nL_train={session.settings.train_len}, k={session.settings.factor:g}; wrote "
-          + ", ".join(str(p) for p in paths.values()))
-    return 0
+    return sweep.main(Extrapolation, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,14 @@
 """Scoring protocols of SPEC §3: per-token loss and accuracy from one forward, `chunked`, `sliding`, `by-position`.
 
 Aggregation is token-weighted: perplexity = exp(total NLL / tokens scored), accuracy = hits / tokens scored.
+The metrics built on this scoring version their cached rows (`metric_version` of `eval.extrapolation.Extrapolation`
+and `eval.passkey.Passkey`): a change here that alters what a row's numbers mean bumps theirs.
 """
 
 import math
 
 import torch
 
-# The version of the scoring below, part of every cached row's key and recorded with it: bump it with any change to
-# what a row's numbers mean (which tokens are scored, how they are aggregated), so old rows are recomputed, not mixed.
-METRIC_VERSION = 1
 
 def token_scores(model, input_ids: torch.Tensor):
     """(nll, correct), each (batch, L − 1): loss and argmax hit of predicting token t+1 from tokens 0..t.

@@ -10,22 +10,19 @@ equals the answer token (one forward, the answer teacher-forced). Finished rows 
 RUN_DIR/passkey.{csv,json,md,png}.
 """
 
-import argparse
 import random
-import shlex
 import sys
 import time
+from dataclasses import dataclass
+from functools import partial
+from typing import ClassVar
 
 import torch
-from tqdm.auto import tqdm
 
-from longctx.rope import set_rope
-
-from . import report
-from .cli import add_common_arguments, prepare, run_cli
+from . import report, sweep
+from .cli import make_parser, run_cli
 from .metrics import token_scores
 from .texts import TextTooShort, leading_bos
-from .variants import effective_scheme, variant_scheme
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.")
@@ -33,8 +30,6 @@ FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. T
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-# Part of every cached row's key (as eval.metrics.METRIC_VERSION): bump it with any change to how a trial is scored.
-PASSKEY_METRIC_VERSION = 1
 CSV_COLUMNS = ["variant", "rope_type", "logn_scaling", "length", "length_ratio", "depth", "trials", "accuracy",
                "answer_nll", "seconds"]
 
@@ -85,44 +80,72 @@ def score_trials(model, samples) -> tuple[float, float]:
     return sum(hits) / len(hits), sum(losses) / len(losses)
 
 
-def run_passkey(model, tokenizer, variants, lengths, depths, settings, *, trials=4, digits=5, seed=0, cache=None,
-                model_id="model", progress=True, log=None) -> tuple[list[dict], list[dict]]:
-    """(rows, skipped): accuracy for every (length, depth, variant), reading finished rows from `cache`."""
-    log = log or (lambda message: tqdm.write(message, file=sys.stderr))
-    cache = cache if cache is not None else report.MemoryCache()
-    bos, keys = leading_bos(tokenizer), make_keys(trials, digits, seed)
-    rows, skipped = [], []
-    bar = tqdm(total=len(lengths) * len(depths) * len(variants), desc="passkey", unit="row", disable=not progress)
-    for length in lengths:
-        for depth in depths:
-            try:
-                samples = [passkey_sample(tokenizer, key, length, depth, bos) for key in keys]
-            except TextTooShort as err:
-                log(f"skipped length {length} (depth {depth}): {err}.")
-                skipped.append({"length": length, "depth": depth, "reason": str(err)})
-                bar.update(len(variants))
-                continue
-            digest = report.RowCache.key(samples=samples)
-            for variant in variants:
-                scheme = variant_scheme(variant, settings, length)
-                key = report.RowCache.key(model=model_id, scheme=effective_scheme(scheme, length, settings),
-                                          length=length, depth=depth, samples=digest, metric=PASSKEY_METRIC_VERSION)
-                row = cache.get(key)
-                if row is None:
-                    bar.set_postfix_str(f"{variant} L={length} depth={depth}")
-                    set_rope(model, **scheme)
-                    start = time.perf_counter()
-                    accuracy, answer_nll = score_trials(model, samples)
-                    row = {"variant": variant, "rope_type": scheme["rope_parameters"]["rope_type"],
-                           "logn_scaling": scheme["logn_scaling"], "length": length,
-                           "length_ratio": length / settings.train_len, "depth": depth, "trials": len(samples),
-                           "accuracy": accuracy, "answer_nll": answer_nll, "seconds": time.perf_counter() - start}
-                    cache.put(key, row)
-                rows.append({**row, "variant": variant, "rope_type": scheme["rope_parameters"]["rope_type"],
-                             "logn_scaling": scheme["logn_scaling"]})
-                bar.update(1)
-    bar.close()
-    return rows, skipped
+def passkey_samples(tokenizer, keys, length: int, depth: float, bos=None) -> list[tuple[list[int], int]]:
+    """One `passkey_sample` per key: the trials of one (length, depth) cell."""
+    return [passkey_sample(tokenizer, key, length, depth, bos) for key in keys]
+
+
+@dataclass
+class Passkey:
+    """Passkey retrieval accuracy and the answer's NLL of each (length, depth) cell, over `trials` random keys of
+    `digits` digits (seeded: the same keys for every variant, length and depth)."""
+
+    depths: tuple = DEFAULT_DEPTHS  # needle depths, fractions of the filler before it
+    trials: int = 4
+    digits: int = 5
+    seed: int = 0
+
+    name: ClassVar[str] = "passkey"
+    title: ClassVar[str] = "Passkey retrieval"
+    # Bump it with any change to how a trial is scored, so old cached rows are recomputed, not mixed.
+    metric_version: ClassVar[int] = 1
+    columns: ClassVar[list] = CSV_COLUMNS
+    labels: ClassVar[tuple] = ("variant", "rope_type", "logn_scaling")
+    cache_dir: ClassVar[str] = "passkey-cache"
+
+    @classmethod
+    def from_args(cls, args, session):
+        return cls(sorted(set(args.depths)), args.trials, args.digits, args.seed)
+
+    def cells(self, tokenizer, lengths, settings):
+        bos, keys = leading_bos(tokenizer), make_keys(self.trials, self.digits, self.seed)
+        plan = [sweep.Cell(length, length / settings.train_len, {"depth": depth}, f"(depth {depth})",
+                           partial(passkey_samples, tokenizer, keys, length, depth, bos))
+                for length in lengths for depth in self.depths]
+        return plan, {"bos": bos is not None}
+
+    def digest(self, samples) -> dict:
+        return {"samples": report.RowCache.key(samples=samples)}
+
+    def score(self, model, cell, samples, variant, progress) -> dict:
+        start = time.perf_counter()
+        accuracy, answer_nll = score_trials(model, samples)
+        return {"length": cell.length, "length_ratio": cell.length_ratio, **cell.condition, "trials": len(samples),
+                "accuracy": accuracy, "answer_nll": answer_nll, "seconds": time.perf_counter() - start}
+
+    def protocol(self, session) -> dict:
+        s = session.settings
+        return {"rerope_window": s.rerope_window, "leaky_factor": s.leaky_factor, "dynamic": s.dynamic,
+                "prompt": INTRO + " [filler]" + NEEDLE + " [filler]" + QUESTION + " {key}", "filler": FILLER,
+                "trials": self.trials, "digits": self.digits, "seed": self.seed, "depths": list(self.depths),
+                "scoring": "correct = argmax at every answer position equals the answer (greedy decoding would "
+                           "produce it), one forward with the answer teacher-forced"}
+
+    def tables(self, rows) -> list[report.Table]:
+        variants, lengths, body = report.pivot(mean_over_depths(rows), "variant", "length",
+                                               lambda r: f"{100 * r['accuracy']:.0f}")
+        return [report.Table("Accuracy % by length (mean over depths)", ["variant"] + [str(n) for n in lengths],
+                             [[v] + b for v, b in zip(variants, body)],
+                             caption="passkey accuracy % by length (mean over depths)")]
+
+    def skipped_line(self, record) -> str:
+        return f"- length {record['length']} depth {record['depth']}: {record['reason']}"
+
+    def summary(self, session) -> None:
+        return None
+
+    def plot(self, rows, protocol, path):
+        plot(rows, protocol, path)
 
 
 def mean_over_depths(rows) -> list[dict]:
@@ -131,22 +154,6 @@ def mean_over_depths(rows) -> list[dict]:
     for r in rows:
         groups.setdefault((r["variant"], r["length"]), []).append(r["accuracy"])
     return [{"variant": v, "length": n, "accuracy": sum(a) / len(a)} for (v, n), a in groups.items()]
-
-
-def write_reports(run_dir, rows, protocol, skipped) -> dict:
-    paths = {ext: run_dir / f"passkey.{ext}" for ext in ("csv", "json", "md", "png")}
-    report.write_csv(paths["csv"], rows, CSV_COLUMNS)
-    report.write_json(paths["json"], {"protocol": protocol, "skipped": skipped, "rows": rows})
-    variants, lengths, body = report.pivot(mean_over_depths(rows), "variant", "length",
-                                           lambda r: f"{100 * r['accuracy']:.0f}")
-    lines = [f"# Passkey retrieval: {protocol['model']}", "", "## Protocol", "", report.protocol_markdown(protocol),
-             "", "## Accuracy % by length (mean over depths)", "",
-             report.markdown_table(["variant"] + [str(n) for n in lengths], [[v] + b for v, b in zip(variants, body)])]
-    if skipped:
-        lines += ["", "## Skipped", ""] + [f"- length {s['length']} depth {s['depth']}: {s['reason']}" for s in skipped]
-    report.atomic_write(paths["md"], "\n".join(lines) + "\n")
-    plot(rows, protocol, paths["png"])
-    return paths
 
 
 def plot(rows, protocol, path):
@@ -180,9 +187,7 @@ def plot(rows, protocol, path):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m eval.passkey", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
+    parser = make_parser("python -m eval.passkey", __doc__)
     parser.add_argument("--depths", nargs="+", type=float, default=list(DEFAULT_DEPTHS),
                         help="needle depths, fractions of the filler before it (default 0 0.25 0.5 0.75 1)")
     parser.add_argument("--trials", type=int, default=4, help="random keys per (length, depth) (default 4)")
@@ -197,40 +202,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    session = prepare(args, f"python -m eval.passkey {shlex.join(argv)}")
-    cache = report.RowCache(session.run_dir / "passkey-cache")
-    try:
-        rows, skipped = run_passkey(session.loaded.model, session.loaded.tokenizer, session.variants,
-                                    session.lengths, sorted(set(args.depths)), session.settings, trials=args.trials,
-                                    digits=args.digits, seed=args.seed, cache=cache,
-                                    model_id=session.loaded.fingerprint, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: the finished rows are kept in {cache.directory}; run the same command to resume.",
-              file=sys.stderr)
-        return 130
-    if not rows:
-        print("error: no row could be scored (see the messages above).", file=sys.stderr)
-        return 1
-    s = session.settings
-    protocol = {"model": args.model, "model_fingerprint": session.loaded.fingerprint,
-                "metric_version": PASSKEY_METRIC_VERSION, "L_train": s.train_len,
-                "factor_k": s.factor, "rerope_window": s.rerope_window, "leaky_factor": s.leaky_factor,
-                "dynamic": s.dynamic,
-                "prompt": INTRO + " [filler]" + NEEDLE + " [filler]" + QUESTION + " {key}", "filler": FILLER,
-                "trials": args.trials, "digits": args.digits, "seed": args.seed, "depths": sorted(set(args.depths)),
-                "scoring": "correct = argmax at every answer position equals the answer (greedy decoding would "
-                           "produce it), one forward with the answer teacher-forced",
-                "bos": leading_bos(session.loaded.tokenizer) is not None, "device": session.device,
-                "dtype": session.dtype, "command": session.command, "date": session.started}
-    paths = write_reports(session.run_dir, rows, protocol, skipped)
-    variants, lengths, body = report.pivot(mean_over_depths(rows), "variant", "length",
-                                           lambda r: f"{100 * r['accuracy']:.0f}")
-    print("\npasskey accuracy % by length (mean over depths)")
-    print(report.text_table(["variant"] + [str(n) for n in lengths], [[v] + b for v, b in zip(variants, body)]))
-    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    return sweep.main(Passkey, parse_args, argv)
 
 
 if __name__ == "__main__":

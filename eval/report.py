@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 
 def _umask() -> int:
@@ -94,6 +95,15 @@ def fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
     return "" if value is None else str(value)
+
+
+class Table(NamedTuple):
+    """A table of a report: its Markdown section title, header and body (rows of cells)."""
+
+    title: str
+    header: list
+    body: list
+    caption: str | None = None  # the heading printed on the terminal, where it differs from `title`
 
 
 def markdown_table(header: list[str], body: list[list]) -> str:

@@ -229,27 +229,33 @@ def sweep_args(loaded, cache, variants=("baseline", "pi", "rerope+logn"), length
                 model_id=loaded.fingerprint, progress=False, **kwargs)
 
 
+def counted(score, calls):
+    """`Extrapolation.score` that also records the variant of every row it computes in `calls`."""
+    return lambda self, model, cell, windows, variant, progress: (
+        calls.append(variant) or score(self, model, cell, windows, variant, progress))
+
+
 def test_a_killed_sweep_keeps_its_finished_rows_and_resumes_without_recomputing(standin, loaded, tmp_path,
                                                                                  monkeypatch):
     args = sweep_args(loaded, report.RowCache(tmp_path / "cache"), documents=standin["documents"])
     reference = extrapolation.run_sweep(**{**args, "cache": None}).rows
     assert len(reference) == 3 * 2 * 3  # lengths × sets × variants
-    real_score_cell, calls = extrapolation.score_cell, []
+    real_score, calls = extrapolation.Extrapolation.score, []
 
-    def killed_after_five(*a, **kw):
+    def killed_after_five(self, model, cell, windows, variant, progress):
         if len(calls) == 5:
             raise KeyboardInterrupt  # the process dies here, in the middle of the sweep
-        calls.append(a[2])
-        return real_score_cell(*a, **kw)
+        calls.append(variant)
+        return real_score(self, model, cell, windows, variant, progress)
 
-    monkeypatch.setattr(extrapolation, "score_cell", killed_after_five)
+    monkeypatch.setattr(extrapolation.Extrapolation, "score", killed_after_five)
     with pytest.raises(KeyboardInterrupt):
         extrapolation.run_sweep(**args)
     assert len(list((tmp_path / "cache").glob("*.json"))) == 5  # every finished row is on disk
     assert not list((tmp_path / "cache").glob(".*.tmp"))  # and nothing half-written
 
     calls.clear()
-    monkeypatch.setattr(extrapolation, "score_cell", lambda *a, **kw: calls.append(a[2]) or real_score_cell(*a, **kw))
+    monkeypatch.setattr(extrapolation.Extrapolation, "score", counted(real_score, calls))
     resumed = extrapolation.run_sweep(**args).rows
     assert len(calls) == len(reference) - 5  # the five finished rows were read back, not recomputed
     for got, want in zip(resumed, reference):
@@ -270,8 +276,8 @@ def test_variants_that_compute_identical_numbers_share_one_row(standin, loaded, 
         scores[name] = metrics.token_scores(model, ids)[0]
     assert torch.equal(scores["baseline"], scores["baseline+logn"]) and torch.equal(scores["baseline"],
                                                                                     scores["dynamic"])
-    real_score_cell, calls = extrapolation.score_cell, []
-    monkeypatch.setattr(extrapolation, "score_cell", lambda *a, **kw: calls.append(a[2]) or real_score_cell(*a, **kw))
+    calls = []
+    monkeypatch.setattr(extrapolation.Extrapolation, "score", counted(extrapolation.Extrapolation.score, calls))
     rows = extrapolation.run_sweep(**sweep_args(loaded, None, documents=standin["documents"],
                                                 variants=("baseline", "baseline+logn", "dynamic"))).rows
     assert len(rows) == 18 and len(calls) == 2 * 2 * 1 + 2 * 3  # one row per (length ≤ 32, set); three at 64
@@ -407,7 +413,7 @@ def test_extrapolation_cli_end_to_end_writes_every_report(standin, tmp_path, cap
     before = {p: p.stat().st_mtime_ns for p in (run / "cache").iterdir()}
     assert extrapolation.main(argv) == 0  # resumes: every row comes from the cache
     assert {p: p.stat().st_mtime_ns for p in (run / "cache").iterdir()} == before
-    assert protocol["metric_version"] == metrics.METRIC_VERSION
+    assert protocol["metric_version"] == extrapolation.Extrapolation.metric_version
 
 
 def test_a_new_metric_version_recomputes_every_cached_row(standin, tmp_path, monkeypatch):
@@ -416,7 +422,7 @@ def test_a_new_metric_version_recomputes_every_cached_row(standin, tmp_path, mon
             "baseline", "--max-tokens", "64", "--output-dir", str(tmp_path), "--run", "v", "--no-progress"]
     assert extrapolation.main(argv) == 0
     first = set((tmp_path / "v" / "cache").iterdir())
-    monkeypatch.setattr(metrics, "METRIC_VERSION", metrics.METRIC_VERSION + 1)
+    monkeypatch.setattr(extrapolation.Extrapolation, "metric_version", extrapolation.Extrapolation.metric_version + 1)
     assert extrapolation.main(argv) == 0
     assert first < set((tmp_path / "v" / "cache").iterdir())  # as many new rows again, beside the old ones
     assert len(set((tmp_path / "v" / "cache").iterdir())) == 2 * len(first)
@@ -424,7 +430,7 @@ def test_a_new_metric_version_recomputes_every_cached_row(standin, tmp_path, mon
           "1", "--output-dir", str(tmp_path), "--run", "p", "--no-progress"]
     assert passkey.main(pk) == 0
     rows = set((tmp_path / "p" / "passkey-cache").iterdir())
-    monkeypatch.setattr(passkey, "PASSKEY_METRIC_VERSION", passkey.PASSKEY_METRIC_VERSION + 1)
+    monkeypatch.setattr(passkey.Passkey, "metric_version", passkey.Passkey.metric_version + 1)
     assert passkey.main(pk) == 0
     assert len(set((tmp_path / "p" / "passkey-cache").iterdir())) == 2 * len(rows)
 

@@ -1,6 +1,7 @@
 """Training pipeline (issue 4): the loop, exact resume after SIGKILL, 2 processes = 1, bad input, non-finite loss,
 length extension with init_from, LoRA, presets."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -528,3 +529,95 @@ def test_length_extension_from_a_gguf_file(tmp_path):
     assert losses(tmp_path / "run")[0][1] < 6.0  # a pretrained model, not a random one (ln 49152 = 10.8)
     tokenizer = load_tokenizer(model_dir)
     assert tokenizer("Hello")["input_ids"] == load_tokenizer(gguf)("Hello")["input_ids"]
+
+
+# --- the typed config (issue 16 item 3): TrainConfig is the one source of the keys ------------------------------
+
+def test_train_config_is_the_source_of_defaults_help_and_checks(tmp_path, capsys):
+    fields = dataclasses.fields(train.TrainConfig)
+    assert list(train.DEFAULTS) == [f.name for f in fields] and all(f.metadata["doc"] for f in fields)
+    assert train.resolve_config({"out_dir": str(tmp_path / "run")})["lr"] == train.TrainConfig().lr  # defaults valid
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    help_text = capsys.readouterr().out
+    docs = {f.name: re.escape(f.metadata["doc"].replace("`", "")) for f in fields}
+    assert all(re.search(rf"^  --{name} .*{doc}", help_text, re.M) for name, doc in docs.items())
+    checks = [("progress", "yes", "expected true or false"), ("max_steps", 0, "expected an integer >= 1"),
+              ("eval_windows", -1, "expected an integer >= 0"), ("beta2", 1.5, r"expected a number in \[0.0, 1.0\]"),
+              ("lr", "fast", r"expected a number in \[0.0, inf\]"),
+              ("attn_implementation", "fast", "allowed: eager, sdpa, flash_attention_2")]
+    for key, value, message in checks:  # each from the field's type and metadata
+        with pytest.raises(train.ConfigError, match=f"config `{key}`={value!r} is invalid; {message}"):
+            train.resolve_config({key: value, "out_dir": str(tmp_path / "run")})
+
+
+def test_presets_hold_only_train_config_keys():
+    names = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    presets = sorted((ROOT / "train" / "configs").glob("*.yaml"))
+    assert {p.stem for p in presets} == set(train.PRESETS)
+    for path in presets:
+        keys = set(yaml.safe_load(path.read_text()))
+        assert keys <= names, (path.name, sorted(keys - names))
+
+
+def test_readme_config_table_is_the_generated_one():
+    """README "Training and fine-tuning" holds `python -m train --print-config-table` verbatim."""
+    from train.config import config_table
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Training and fine-tuning"):readme.index("<!-- end section: train -->")]
+    header = config_table().splitlines()[0]
+    assert header in section, ("README's 'Training and fine-tuning' has no table of config keys: paste the output "
+                               "of `python -m train --print-config-table`")
+    table = [line for line in section[section.index(header):].splitlines()]
+    table = table[:next((i for i, line in enumerate(table) if not line.startswith("|")), len(table))]
+    assert "\n".join(table) == config_table(), "README's table of config keys is stale: paste the output of " \
+                                               "`python -m train --print-config-table`"
+
+
+# --- accelerate launch --use_fsdp (issue 17 item 3) ------------------------------------------------------------
+
+def test_fsdp2_launch_on_cpu_shards_matches_one_process_and_resumes_exactly(tmp_path, corpus):
+    """`accelerate launch --use_fsdp --fsdp_version 2` on CPU processes runs FSDP (gloo), not plain data parallelism:
+    the same losses as one process at the same global batch, a model directory with longctx's own remote code, and
+    a resume from a sharded run's checkpoint that logs the uninterrupted run's losses."""
+    config = micro(tmp_path / "one", corpus, micro_batch_size=2, max_steps=4, save_every=2, eval_every=2)
+    train.run_training(config)  # 1 process: 4 micro-batches of 2 per step
+    path = write_config(tmp_path / "micro.yaml", config)
+    fsdp = ["-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    output = finish(launch([*fsdp, "--main_process_port", str(free_port()), "-m", "train", "--config", path,
+                            "--out_dir", str(tmp_path / "fsdp")]))
+    assert "2 process(es) x 2 micro-batch(es) of 2 (FSDP, cpu" in output  # sharded, with accumulation (no_sync)
+    for key in ("loss", "val_loss"):
+        a, b = losses(tmp_path / "one", key), losses(tmp_path / "fsdp", key)
+        assert [s for s, _ in a] == [s for s, _ in b] and max(abs(x - y) for (_, x), (_, y) in zip(a, b)) <= 1e-4
+    model_dir = tmp_path / "fsdp" / "model"
+    saved = json.loads((model_dir / "config.json").read_text())
+    assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_longctx.LongCtxForCausalLM"
+    assert (model_dir / "modeling_longctx.py").is_file() and not list(model_dir.glob("_fsdp*"))
+    one = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    sharded = load_file(model_dir / "model.safetensors")
+    assert set(one) == set(sharded) and all(torch.allclose(one[k], sharded[k], atol=1e-4) for k in one)
+
+    shutil.copytree(tmp_path / "fsdp", tmp_path / "resumed")  # as if killed right after step 2's checkpoint
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-0000004")
+    shutil.rmtree(tmp_path / "resumed" / "model")
+    output = finish(launch([*fsdp, "--main_process_port", str(free_port()), "-m", "train", "--config", path,
+                            "--out_dir", str(tmp_path / "resumed"), "--resume"]))
+    assert "resuming at step 2" in output
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "fsdp")
+    assert losses(tmp_path / "resumed", "val_loss") == losses(tmp_path / "fsdp", "val_loss")
+
+
+def test_fsdp1_launch_on_cpu_is_refused_before_anything_is_written(tmp_path, corpus, capsys, monkeypatch):
+    """accelerate cannot run FSDP1 on CPU processes: one line saying what to pass, not a traceback from accelerate."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets (FSDP_VERSION: 1)
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    path = write_config(tmp_path / "micro.yaml", micro(tmp_path / "out", corpus))
+    assert train_main(["--config", path]) == 2
+    err = capsys.readouterr().err
+    assert "python -m train: error: accelerate launch --use_fsdp: FSDP version 1 cannot run on CPU" in err
+    assert "--fsdp_version 2" in err and err.strip().count("\n") == 0
+    assert not (tmp_path / "out").exists()

@@ -8,11 +8,8 @@ Any config key can be overridden: `--lr 1e-3`, `--init-from runs/tiny/model`, `-
 import argparse
 import sys
 
-from .config import DEFAULTS, PRESETS, ConfigError, load_preset, parse_value
+from .config import DEFAULTS, FLAGS, PRESETS, ConfigError, config_help, config_table, load_preset, parse_value
 from .state import TrainingStateError
-
-
-FLAGS = {key for key, value in DEFAULTS.items() if isinstance(value, bool)} | {"lora"}  # `--lora`: its defaults
 
 
 def parse_overrides(tokens: list[str]) -> dict:
@@ -38,12 +35,17 @@ def parse_overrides(tokens: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-    keys = "\n".join(f"  --{k} (default: {v!r})" for k, v in DEFAULTS.items())
     parser = argparse.ArgumentParser(
         prog="python -m train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"presets: {', '.join(PRESETS)}\nconfig keys:\n{keys}\n  --model.FIELD, --lora.FIELD")
+        epilog=f"presets: {', '.join(PRESETS)}\nconfig keys, their defaults and meanings (train.config.TrainConfig):\n"
+               f"{config_help()}\n  --model.FIELD, --lora.FIELD")
     parser.add_argument("--config", default="tiny", help="a preset name or a YAML file (default: tiny)")
+    parser.add_argument("--print-config-table", action="store_true",
+                        help="print the Markdown table of config keys (README \"Training and fine-tuning\") and exit")
     args, rest = parser.parse_known_args(argv)
+    if args.print_config_table:
+        print(config_table())
+        return 0
     from .loop import NonFiniteLossError, run_training
 
     try:

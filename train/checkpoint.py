@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from .state import save_training_state
@@ -61,9 +62,30 @@ def save_model_dir(accelerator, model, tokenizer, directory) -> None:
         unwrapped = accelerator.unwrap_model(model)
         if hasattr(unwrapped, "merge_and_unload"):  # peft: a plain model with the adapters folded in
             unwrapped, state_dict = copy.deepcopy(unwrapped).merge_and_unload(), None
-        unwrapped.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+        with own_class(unwrapped):
+            unwrapped.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(directory)
     accelerator.wait_for_everyone()
+
+
+@contextmanager
+def own_class(model):
+    """The model as an instance of its own class while it is saved.
+
+    FSDP2 shards a model by changing its class to a subclass `FSDP<Class>` defined in torch.distributed.fsdp; saved
+    as that, the directory's remote code (`auto_map`, the copied sources) would be torch's FSDP files, not longctx's.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = type(model)
+    if not isinstance(model, FSDPModule):
+        yield model
+        return
+    model.__class__ = next(cls for cls in sharded.__mro__ if not issubclass(cls, FSDPModule))
+    try:
+        yield model
+    finally:
+        model.__class__ = sharded
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, trainer_state: dict, out_dir,

@@ -1,13 +1,21 @@
-"""Training configuration: the defaults, the presets in `train/configs/`, `--key value` overrides, validation.
+"""Training configuration: the keys (`TrainConfig`), the presets in `train/configs/`, `--key value` overrides,
+validation.
 
 A config is a plain dict: `DEFAULTS` <- preset YAML <- overrides. `resolve_config` checks every key once, before
 any data is read or any model is built, and raises `ConfigError` naming the key, the value and what is allowed.
+`python -m train --print-config-table` prints the table of keys that README "Training and fine-tuning"
+holds.
 """
 
+import copy
 import importlib.util
+import json
 import math
 import os
 import shutil
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -24,51 +32,107 @@ PIPELINE_MODEL_FIELDS = {"vocab_size": "the tokenizer", "bos_token_id": "the tok
                          "layer_types": "block_types", "use_cache": "the pipeline"}
 # With init_from, the architecture is the source model's; these model fields may still change (length extension).
 EXTENSION_MODEL_FIELDS = ("rope_parameters", "logn_scaling", "attention_dropout")
+LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
 def extension_fields(model: dict) -> dict:
     """The `model` fields an init_from run may change (and records): `EXTENSION_MODEL_FIELDS`."""
     return {k: v for k, v in model.items() if k in EXTENSION_MODEL_FIELDS}
-LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
-# Every key, its default, and what it means (README "Training" lists the same).
-DEFAULTS = {
-    "corpus": "shakespeare",    # named corpus (shakespeare, kjv, pystdlib), txt/jsonl/parquet file|dir|glob, hub name
-    "split_seed": 0,            # seed of the whole-document train/validation/test split
-    "vocab_size": 4096,         # sentencepiece BPE trained on the train split (ignored with init_from)
-    "seq_len": 256,             # tokens per training window (L_train; the length of fine-tuning with init_from)
-    "seq_len_multiple": 64,     # seq_len must be a multiple of this
-    "copy_fraction": 0.0,       # training windows with a span copied later in them (longctx.data.add_copied_spans)
-    "copy_span": [16, 64],      # the copied span's length in tokens, [min, max]
-    "copy_source": "text",      # the span copied: "text" (the window's own) or "random" (uniform ids: a retrieval span)
-    "model": {},                # LongCtxConfig fields: architecture and position scheme
-    "attn_implementation": "sdpa",
-    "gradient_checkpointing": False,
-    "chunked_loss": True,       # fused projection + cross-entropy (longctx.loss): no logits held, faster
-    "compile": False,           # torch.compile the model: false, true (inductor) or a torch.compile backend name
-    "init_from": None,          # model dir or .gguf to start from (fine-tuning / length extension)
-    "lora": None,               # LoRA through peft: true or {r, alpha, dropout, target_modules}
-    "batch_size": 16,           # sequences per optimizer step, all processes together
-    "micro_batch_size": 16,     # sequences per forward/backward on one process
-    "max_steps": 500,
-    "lr": 3.0e-3,
-    "min_lr": 3.0e-4,           # cosine decay ends here at max_steps
-    "warmup_steps": 50,         # linear warmup
-    "weight_decay": 0.1,        # on weight matrices and embeddings only
-    "beta1": 0.9,
-    "beta2": 0.95,
-    "grad_clip": 1.0,           # max global gradient norm; 0 = no clipping
-    "eval_every": 100,          # validation loss every N steps (and at the end)
-    "eval_windows": 64,         # validation windows scored each time; 0 = all
-    "save_every": 100,          # checkpoint every N steps (and at the end)
-    "keep_last": 2,             # checkpoints kept
-    "mixed_precision": "no",    # no | bf16 | fp16 (accelerate's autocast)
-    "seed": 0,                  # model init and data order
-    "out_dir": "runs/tiny",
-    "resume": False,            # continue from the last checkpoint in out_dir
-    "overwrite": False,         # start over in an out_dir that already holds a run
-    "progress": True,           # tqdm progress bar
-}
+
+def _key(default, doc: str, **checks):
+    """A `TrainConfig` field: its default, its one-line doc and the checks `resolve_config` applies to it alone
+    (`minimum`, `maximum`, `choices`)."""
+    metadata = {"doc": doc, **checks}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    """Every key of a training config: its type, default and meaning. The single source of the keys: `DEFAULTS`,
+    the checks of `resolve_config`, `python -m train --help` and the README's table (`config_table`) come from it.
+
+    A run's config is the plain dict of these fields (`DEFAULTS` <- preset YAML <- overrides), as the presets,
+    `config.yaml` and the checkpoints hold it; `model` and `lora` are nested dicts (LongCtxConfig fields, LoRA keys).
+    """
+
+    corpus: str = _key("shakespeare", "named corpus (shakespeare, kjv, pystdlib), a txt/jsonl/parquet file, "
+                                      "directory or glob, or a hub dataset name")
+    split_seed: int = _key(0, "seed of the whole-document train/validation/test split", minimum=0)
+    vocab_size: int = _key(4096, "sentencepiece BPE trained on the train split (ignored with init_from)",
+                           minimum=300)
+    seq_len: int = _key(256, "tokens per training window (L_train; the length of fine-tuning with init_from)",
+                        minimum=1)
+    seq_len_multiple: int = _key(64, "seq_len must be a multiple of this", minimum=1)
+    copy_fraction: float = _key(0.0, "training windows with a span copied later in them "
+                                     "(longctx.data.add_copied_spans)", minimum=0.0, maximum=1.0)
+    copy_span: list[int] = _key([16, 64], "the copied span's length in tokens, [min, max]")
+    copy_source: str = _key("text", "the span copied: the window's own text, or uniform random ids (a retrieval span)",
+                            choices=COPY_SOURCES)
+    model: dict = _key({}, "LongCtxConfig fields: architecture and position scheme")
+    attn_implementation: str = _key("sdpa", "the attention backend", choices=ATTN_IMPLEMENTATIONS)
+    gradient_checkpointing: bool = _key(False, "recompute activations in the backward pass: less memory, slower")
+    chunked_loss: bool = _key(True, "fused projection + cross-entropy (longctx.loss): no logits held, faster")
+    compile: bool | str = _key(False, "torch.compile the model: false, true (inductor) or a torch.compile backend name")
+    init_from: str | None = _key(None, "model dir or .gguf to start from (fine-tuning / length extension)")
+    lora: dict | bool | None = _key(None, "LoRA through peft: true or {r, alpha, dropout, target_modules}")
+    batch_size: int = _key(16, "sequences per optimizer step, all processes together", minimum=1)
+    micro_batch_size: int = _key(16, "sequences per forward/backward on one process", minimum=1)
+    max_steps: int = _key(500, "optimizer steps of the run", minimum=1)
+    lr: float = _key(3.0e-3, "peak learning rate (after warmup)")
+    min_lr: float = _key(3.0e-4, "cosine decay ends here at max_steps")
+    warmup_steps: int = _key(50, "linear warmup", minimum=0)
+    weight_decay: float = _key(0.1, "on weight matrices and embeddings only")
+    beta1: float = _key(0.9, "AdamW's first-moment decay", minimum=0.0, maximum=1.0)
+    beta2: float = _key(0.95, "AdamW's second-moment decay", minimum=0.0, maximum=1.0)
+    grad_clip: float = _key(1.0, "max global gradient norm; 0 = no clipping")
+    eval_every: int = _key(100, "validation loss every N steps (and at the end)", minimum=1)
+    eval_windows: int = _key(64, "validation windows scored each time; 0 = all", minimum=0)
+    save_every: int = _key(100, "checkpoint every N steps (and at the end)", minimum=1)
+    keep_last: int = _key(2, "checkpoints kept", minimum=1)
+    mixed_precision: str = _key("no", "accelerate's autocast", choices=MIXED_PRECISION)
+    seed: int = _key(0, "model init and data order", minimum=0)
+    out_dir: str = _key("runs/tiny", "the run directory: config, log, tokenizer, checkpoints, final model")
+    resume: bool = _key(False, "continue from the last checkpoint in out_dir")
+    overwrite: bool = _key(False, "start over in an out_dir that already holds a run")
+    progress: bool = _key(True, "tqdm progress bar")
+
+
+CONFIG_FIELDS = fields(TrainConfig)
+DEFAULTS = asdict(TrainConfig())  # every key and its default: a plain dict, as configs are
+# Keys that may be given bare on the command line (`--resume` = `--resume true`): those that can be true.
+FLAGS = frozenset(f.name for f in CONFIG_FIELDS if f.type is bool or bool in typing.get_args(f.type))
+
+
+def _type_name(annotation) -> str:
+    """`int`, `list[int]`, `str or null`: a field's type in words (no `|`: it would split a Markdown cell)."""
+    if typing.get_args(annotation) and isinstance(annotation, types.UnionType):
+        return " or ".join("null" if arg is type(None) else _type_name(arg) for arg in typing.get_args(annotation))
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation)
+
+
+def _doc(f) -> str:
+    """A field's one-line doc, with its allowed values where it has a fixed set."""
+    choices = f.metadata.get("choices")
+    return f.metadata["doc"] + (f"; one of {', '.join(f'`{c}`' for c in choices)}" if choices else "")
+
+
+def config_table() -> str:
+    """The Markdown table of every key (type, default, meaning) that README "Training and fine-tuning" holds
+    verbatim (a test compares them); printed by `python -m train --print-config-table`."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{f.name}` | {_type_name(f.type)} | `{json.dumps(DEFAULTS[f.name])}` | {_doc(f)} |"
+             for f in CONFIG_FIELDS]
+    return "\n".join(rows)
+
+
+def config_help() -> str:
+    """The keys for `python -m train --help`: one line each, `--key DEFAULT  meaning`."""
+    usage = {f.name: f"--{f.name} {json.dumps(DEFAULTS[f.name])}" for f in CONFIG_FIELDS}
+    width = max(map(len, usage.values())) + 2
+    return "\n".join(f"  {usage[f.name]:<{width}}{_doc(f).replace('`', '')}" for f in CONFIG_FIELDS)
 
 
 class ConfigError(ValueError):
@@ -178,6 +242,18 @@ def _check_float(key, value, minimum=0.0, maximum=math.inf):
         _fail(key, value, f"expected a number in [{minimum}, {maximum}]")
 
 
+def _check_field(f, value):
+    """The checks a key's type and `TrainConfig` metadata give it alone (the keys read together come after)."""
+    if f.type is bool and not isinstance(value, bool):
+        _fail(f.name, value, "expected true or false")
+    if f.type is int:
+        _check_int(f.name, value, f.metadata["minimum"])
+    if f.type is float:
+        _check_float(f.name, value, f.metadata.get("minimum", 0.0), f.metadata.get("maximum", math.inf))
+    if "choices" in f.metadata and value not in f.metadata["choices"]:
+        _fail(f.name, value, f"allowed: {', '.join(f.metadata['choices'])}")
+
+
 def _model_fields() -> set:
     from longctx import LongCtxConfig
 
@@ -257,19 +333,8 @@ def resolve_config(config: dict) -> dict:
     if config["model"] is not None and not isinstance(config["model"], dict):
         _fail("model", config["model"], "expected a mapping of LongCtxConfig fields")
     config["model"] = dict(config["model"] or {})
-    for key in ("split_seed", "seed"):
-        _check_int(key, config[key], 0)
-    for key in ("seq_len", "seq_len_multiple", "batch_size", "micro_batch_size", "max_steps", "eval_every",
-                "save_every", "keep_last"):
-        _check_int(key, config[key], 1)
-    for key in ("vocab_size",):
-        _check_int(key, config[key], 300)
-    for key in ("warmup_steps", "eval_windows"):
-        _check_int(key, config[key], 0)
-    for key in ("lr", "min_lr", "weight_decay", "grad_clip"):
-        _check_float(key, config[key])
-    for key in ("beta1", "beta2", "copy_fraction"):
-        _check_float(key, config[key], 0.0, 1.0)
+    for f in CONFIG_FIELDS:
+        _check_field(f, config[f.name])
     span = config["copy_span"]
     if (not isinstance(span, (list, tuple)) or len(span) != 2 or any(isinstance(v, bool) or not isinstance(v, int)
                                                                      for v in span)
@@ -278,8 +343,6 @@ def resolve_config(config: dict) -> dict:
         _fail("copy_span", span, f"expected [min, max] tokens with 1 <= min <= max <= seq_len / 2 = "
                                  f"{config['seq_len'] // 2}")
     config["copy_span"] = list(span)
-    if config["copy_source"] not in COPY_SOURCES:
-        _fail("copy_source", config["copy_source"], f"allowed: {', '.join(COPY_SOURCES)}")
     if config["lr"] <= 0:
         _fail("lr", config["lr"], "must be > 0")
     if config["min_lr"] > config["lr"]:
@@ -291,19 +354,12 @@ def resolve_config(config: dict) -> dict:
     if config["batch_size"] % config["micro_batch_size"]:
         _fail("batch_size", config["batch_size"],
               f"must be divisible by micro_batch_size={config['micro_batch_size']} (times the number of processes)")
-    if config["mixed_precision"] not in MIXED_PRECISION:
-        _fail("mixed_precision", config["mixed_precision"], f"allowed: {', '.join(MIXED_PRECISION)}")
-    if config["attn_implementation"] not in ATTN_IMPLEMENTATIONS:
-        _fail("attn_implementation", config["attn_implementation"], f"allowed: {', '.join(ATTN_IMPLEMENTATIONS)}")
     from longctx.attention import check_attn_implementation
 
     try:  # flash-attn installed, and a GPU for it: known now, before anything is written
         check_attn_implementation(config["attn_implementation"])
     except (ImportError, ValueError) as err:
         _fail("attn_implementation", config["attn_implementation"], str(err).rstrip("."))
-    for key in ("gradient_checkpointing", "chunked_loss", "resume", "overwrite", "progress"):
-        if not isinstance(config[key], bool):
-            _fail(key, config[key], "expected true or false")
     _check_compile(config["compile"])
     if not isinstance(config["corpus"], str) or not config["corpus"]:
         _fail("corpus", config["corpus"], "expected a corpus name, a path or a hub dataset name")
@@ -313,5 +369,5 @@ def resolve_config(config: dict) -> dict:
     return config
 
 
-__all__ = ["DEFAULTS", "PRESETS", "ConfigError", "apply_overrides", "compile_backend", "load_preset", "parse_value",
-           "preset_path", "resolve_config"]
+__all__ = ["DEFAULTS", "FLAGS", "PRESETS", "ConfigError", "TrainConfig", "apply_overrides", "compile_backend",
+           "config_help", "config_table", "load_preset", "parse_value", "preset_path", "resolve_config"]

@@ -1,4 +1,5 @@
-"""The training loop: one flat function on `accelerate`, read top to bottom (nanoGPT-style).
+"""The training loop on `accelerate`, read top to bottom: `setup` builds a `Run`, `train_step` advances it,
+`evaluate_and_save` scores and checkpoints it.
 
 corpus -> split -> tokenizer -> packed windows -> model (new, or `init_from` with a new position scheme) ->
 AdamW + warmup/cosine -> steps (accumulation, clipping) -> JSONL log, validation loss, checkpoints.
@@ -9,9 +10,11 @@ The same code runs on one CPU, several CPU processes (gloo) and several GPUs (DD
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -256,6 +259,71 @@ def evaluate(accelerator, model, windows, config) -> float:
 
 # --- the run ---------------------------------------------------------------------------------------------------
 
+def make_accelerator(mixed_precision: str):
+    """accelerate's `Accelerator` as `accelerate launch` configured it (its ACCELERATE_* / FSDP_* environment), on the
+    CPU when there is no GPU.
+
+    On CPU processes accelerate (1.16) builds plain multi-process data parallelism (gloo) even under `--use_fsdp`:
+    its state turns ACCELERATE_USE_FSDP into FSDP only on accelerator devices. FSDP2 (`--fsdp_version 2`) shards on
+    the CPU with gloo, so there the state is switched to FSDP with the plugin built from the launch's FSDP_*
+    variables, as accelerate does on GPUs. FSDP1 cannot run on CPU (accelerate refuses its `sync_module_states`
+    there, and FSDP1 refuses the device `cpu:0` accelerate hands it): refused with what to pass instead.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
+
+    cpu = not torch.cuda.is_available()
+    fsdp = parse_flag_from_env("ACCELERATE_USE_FSDP")
+    if cpu and fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ConfigError(f"accelerate launch --use_fsdp: FSDP version {os.environ.get('FSDP_VERSION', '1')} cannot "
+                          "run on CPU processes; pass --fsdp_version 2 (or --multi_gpu for data parallelism)")
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    if cpu and fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        plugin = accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        if accelerator.mixed_precision != "no":
+            plugin.set_mixed_precision(accelerator.mixed_precision)  # as accelerate's state does on GPUs
+        accelerator.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return accelerator
+
+
+@dataclass
+class Data:
+    """The run's tokenizer and token windows, and the order the training windows are drawn in."""
+
+    tokenizer: object
+    train: object  # datasets.Dataset of packed windows: input_ids, position_ids
+    validation: object
+    order: BatchOrder
+    fingerprint: str  # of the training windows: a resume on other data is refused
+
+
+@dataclass
+class Run:
+    """What the steps read and change: built once by `setup`, advanced by `train_step`, saved by `evaluate_and_save`."""
+
+    config: dict
+    accelerator: object
+    model: torch.nn.Module  # prepared (DDP/FSDP-wrapped where launched so)
+    optimizer: object  # accelerate's AcceleratedOptimizer around AdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    data: Data
+    log: JsonlLog
+    step: int  # optimizer steps done
+    tokens_seen: int
+    last_checkpoint: Path | None  # named when a later step goes wrong
+
+    @property
+    def per_process(self) -> int:
+        """Sequences of each step's global batch that this process computes."""
+        return self.config["batch_size"] // self.accelerator.num_processes
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches per step on each process."""
+        return self.per_process // self.config["micro_batch_size"]
+
+
 def run_training(config: dict) -> Path:
     """Train (or fine-tune) as `config` says; returns `out_dir/model`, the final model + tokenizer directory."""
     config = resolve_config(config)
@@ -263,52 +331,103 @@ def run_training(config: dict) -> Path:
         return _train(config)
 
 
-def _train(config):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType
+def _train(config) -> Path:
+    """setup -> (train_step -> log -> evaluate_and_save) until max_steps -> the final model directory."""
+    run = setup(config)
+    run.model.train()
+    main = run.accelerator.is_main_process
+    progress = tqdm(total=config["max_steps"], initial=run.step, disable=not (main and config["progress"]),
+                    desc="train", dynamic_ncols=True)
+    start_time, start_step = time.time(), run.step
+    tokens_per_step = config["batch_size"] * config["seq_len"]
+    while run.step < config["max_steps"]:
+        record = train_step(run)
+        elapsed = time.time() - start_time
+        run.log.write(step=run.step, **record, tokens=run.tokens_seen,
+                      tokens_per_s=(run.step - start_step) * tokens_per_step / max(elapsed, 1e-9), elapsed_s=elapsed)
+        progress.update(1)
+        progress.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+        evaluate_and_save(run, record["loss"], progress)
+    progress.close()
+    final = publish_model(run.accelerator, run.model, run.data.tokenizer, config["out_dir"])
+    run.accelerator.end_training()
+    return final
 
+
+# --- setup: everything checked and built before the first step ------------------------------------------------
+
+def setup(config) -> Run:
+    """Corpus, accelerator, run directory, data, model, optimizer and (with --resume) their saved state.
+
+    Every error a user can cause is raised here, and those about the corpus and the init_from source before the run
+    directory is written; `config["model"]` keeps only the fields an init_from run changes (what the run records).
+    """
     try:  # a missing or unusable corpus fails before out_dir
         splits = corpus_splits(config["corpus"], seed=config["split_seed"])
     except ValueError as err:
         raise ConfigError(str(err)) from err  # the message names the corpus and the file
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config["mixed_precision"])
-    main, world = accelerator.is_main_process, accelerator.num_processes
+    accelerator = make_accelerator(config["mixed_precision"])
+    world = accelerator.num_processes
     if config["batch_size"] % (config["micro_batch_size"] * world):
         raise ConfigError(f"config `batch_size`={config['batch_size']} is invalid; must be divisible by "
                           f"micro_batch_size={config['micro_batch_size']} x {world} processes")
     out_dir = Path(config["out_dir"])
-    model = None
+    tokenizer = model = None
     if config["init_from"] is not None:  # the source's tokenizer and model first: their errors leave out_dir alone
         tokenizer = get_tokenizer(config, splits["train"], out_dir)
         model = build_model(config, tokenizer)
         # what the run records: the fields that changed the source, whose architecture the saved model holds
         config["model"] = extension_fields(config["model"])
     resume_from = prepare_out_dir(config, accelerator)
-
-    # data: whole-document split (above), tokenizer from the train split (or the source's), fixed-length windows
-    if model is None:
+    if tokenizer is None:
         with accelerator.main_process_first():
             tokenizer = get_tokenizer(config, splits["train"], out_dir)
+    data = build_data(config, tokenizer, splits)
+    if model is None:
+        model = build_model(config, tokenizer)
+    model, optimizer, scheduler = build_training(config, accelerator, model)
+    step, tokens_seen = 0, 0
+    if resume_from is not None:
+        step, tokens_seen = restore(resume_from, accelerator, model, optimizer, scheduler, data.fingerprint)
+    log = JsonlLog(out_dir / "log.jsonl", accelerator.is_main_process, keep_through_step=step)
+    run = Run(config, accelerator, model, optimizer, scheduler, data, log, step, tokens_seen, resume_from)
+    if accelerator.is_main_process:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"train: {len(data.train)} windows x {config['seq_len']} tokens, validation {len(data.validation)}; "
+              f"{n_params / 1e6:.2f}M parameters; {world} process(es) x {run.accumulation} micro-batch(es) of "
+              f"{config['micro_batch_size']} ({accelerator.distributed_type.value}, {accelerator.device}); "
+              f"{'resuming at step ' + str(run.step) if run.step else 'from step 0'}",
+              flush=True)
+    return run
+
+
+def build_data(config, tokenizer, splits) -> Data:
+    """Fixed-length windows of the train split (with copied spans where asked) and of the validation split."""
     seq_len = config["seq_len"]
     first_id = max(tokenizer.all_special_ids, default=-1) + 1  # random spans draw ordinary tokens only
     random_tokens = (first_id, len(tokenizer) - 1) if config["copy_source"] == "random" else None
     train_windows = add_copied_spans(pack_windows(tokenizer, splits["train"], seq_len), config["copy_fraction"],
                                      config["copy_span"], config["seed"], tokenizer.eos_token_id, random_tokens)
     val_windows = pack_windows(tokenizer, splits["validation"], seq_len)
-    per_process = config["batch_size"] // world
     if len(train_windows) < config["batch_size"]:
         raise ConfigError(f"corpus {config['corpus']!r}: the train split gives {len(train_windows)} windows of "
                           f"seq_len={seq_len}, fewer than batch_size={config['batch_size']}")
     if len(val_windows) == 0:
         raise ConfigError(f"corpus {config['corpus']!r}: the validation split is shorter than one window of "
                           f"seq_len={seq_len}")
-    accum = per_process // config["micro_batch_size"]
     order = BatchOrder(len(train_windows), config["batch_size"], config["seed"])
-    data_id = fingerprint(train_windows)
+    return Data(tokenizer, train_windows, val_windows, order, fingerprint(train_windows))
 
-    # model, optimizer, schedule (the model is prepared first, as FSDP needs)
-    if model is None:
-        model = build_model(config, tokenizer)
+
+def build_training(config, accelerator, model):
+    """The model with its training options, prepared by accelerate, and AdamW + the warmup/cosine schedule.
+
+    FSDP2 shards the model and swaps the optimizer's parameters for the shards in one `prepare` call; every other
+    mode (one process, DDP, FSDP1's flat parameters) prepares the model first and builds the optimizer on its
+    parameters. The scheduler stays unprepared: one step per optimizer step.
+    """
+    from accelerate.utils import DistributedType
+
     if config["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
     if config["lora"] is not None:
@@ -317,83 +436,90 @@ def _train(config):
         model = add_lora(model, config["lora"])
     if compile_backend(config):  # in place: parameter names, checkpoints and saving are unchanged
         model.compile(backend=compile_backend(config))
-    model = accelerator.prepare(model)
-    optimizer = torch.optim.AdamW(param_groups(model, config["weight_decay"]), lr=config["lr"],
-                                  betas=(config["beta1"], config["beta2"]))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
-    optimizer = accelerator.prepare(optimizer)  # the scheduler stays unprepared: one step per optimizer step
 
-    step, tokens_seen = 0, 0
-    if resume_from is not None:
-        state = read_trainer_state(resume_from)
-        if state["data_fingerprint"] != data_id:
-            raise ConfigError(f"--resume: the training windows differ from those of {resume_from} (corpus or "
-                              f"tokenizer changed)")
-        load_training_state(accelerator, model, optimizer, scheduler, resume_from / "training_state")
-        step, tokens_seen = state["step"], state["tokens_seen"]
-    last_checkpoint = resume_from
-    log = JsonlLog(out_dir / "log.jsonl", main, keep_through_step=step)
-    if main:
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"train: {len(train_windows)} windows x {seq_len} tokens, validation {len(val_windows)}; "
-              f"{n_params / 1e6:.2f}M parameters; {world} process(es) x {accum} micro-batch(es) of "
-              f"{config['micro_batch_size']} ({accelerator.distributed_type.value}, {accelerator.device}); "
-              f"{'resuming at step ' + str(step) if step else 'from step 0'}",
-              flush=True)
+    def optimization(model):
+        optimizer = torch.optim.AdamW(param_groups(model, config["weight_decay"]), lr=config["lr"],
+                                      betas=(config["beta1"], config["beta2"]))
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
 
-    model.train()
-    progress = tqdm(total=config["max_steps"], initial=step, disable=not (main and config["progress"]),
-                    desc="train", dynamic_ncols=True)
-    start_time, start_step = time.time(), step
-    while step < config["max_steps"]:
-        rank = accelerator.process_index
-        rows = order.rows(step)[rank * per_process:(rank + 1) * per_process].tolist()
-        lr = scheduler.get_last_lr()[0]
-        losses = []
-        for micro in range(accum):
-            batch = train_windows[rows[micro * config["micro_batch_size"]:(micro + 1) * config["micro_batch_size"]]]
-            sync = nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
-            with sync:
-                loss = lm_loss(model, batch, accelerator.device, config["chunked_loss"])
-                accelerator.backward(loss / accum)
-            losses.append(loss.detach().float())
-        loss = float(accelerator.reduce(torch.stack(losses).mean(), "mean"))
-        grad_norm = None
-        if config["grad_clip"] > 0:
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config["grad_clip"]))
-        bad_norm = grad_norm is not None and not math.isfinite(grad_norm) and config["mixed_precision"] != "fp16"
-        if not math.isfinite(loss) or bad_norm:
-            what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
-            where = (f"The last good checkpoint is {last_checkpoint}; continue from its weights with a lower lr "
-                     f"(or more warmup_steps): --init-from {last_checkpoint}" if last_checkpoint is not None
-                     else "No checkpoint was written before it.")
-            raise NonFiniteLossError(f"step {step + 1}: the training {what} (not finite); stopped before the "
-                                     f"optimizer step, nothing was saved. {where}")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += config["batch_size"] * seq_len
-        elapsed = time.time() - start_time
-        log.write(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens_seen,
-                  tokens_per_s=(step - start_step) * config["batch_size"] * seq_len / max(elapsed, 1e-9),
-                  elapsed_s=elapsed)
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss:.3f}", refresh=False)
-        last = step == config["max_steps"]
-        if step % config["eval_every"] == 0 or last:
-            val_loss = evaluate(accelerator, model, val_windows, config)
-            log.write(step=step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
-            progress.set_postfix(loss=f"{loss:.3f}", val_loss=f"{val_loss:.3f}", refresh=False)
-        if step % config["save_every"] == 0 or last:
-            trainer_state = {"step": step, "tokens_seen": tokens_seen, "data_position": order.position(step),
-                             "data_fingerprint": data_id, "config": config}
-            last_checkpoint = save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, trainer_state,
-                                              out_dir, config["keep_last"])
-    progress.close()
-    final = publish_model(accelerator, model, tokenizer, out_dir)
-    accelerator.end_training()
-    return final
+    if accelerator.is_fsdp2:
+        optimizer, scheduler = optimization(model)
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model = accelerator.prepare(model)
+        optimizer, scheduler = optimization(model)
+        optimizer = accelerator.prepare(optimizer)
+    return model, optimizer, scheduler
 
 
-__all__ = ["NonFiniteLossError", "run_training"]
+def restore(checkpoint: Path, accelerator, model, optimizer, scheduler, data_fingerprint: str) -> tuple[int, int]:
+    """--resume: the weights, optimizer, schedule and random generators saved in `checkpoint`; returns its step and
+    tokens seen. Refused when the training windows differ from the checkpoint's."""
+    state = read_trainer_state(checkpoint)
+    if state["data_fingerprint"] != data_fingerprint:
+        raise ConfigError(f"--resume: the training windows differ from those of {checkpoint} (corpus or "
+                          f"tokenizer changed)")
+    load_training_state(accelerator, model, optimizer, scheduler, checkpoint / "training_state")
+    return state["step"], state["tokens_seen"]
+
+
+# --- the steps ----------------------------------------------------------------------------------------------------
+
+def train_step(run: Run) -> dict:
+    """One optimizer step on the global batch of step `run.step`: accumulated micro-batches, the gradient clipped,
+    a non-finite loss stopped before the update. Returns what the log records: loss, lr, grad_norm."""
+    config, accelerator, model = run.config, run.accelerator, run.model
+    rank, per_process, micro_batch = accelerator.process_index, run.per_process, config["micro_batch_size"]
+    rows = run.data.order.rows(run.step)[rank * per_process:(rank + 1) * per_process].tolist()
+    lr = run.scheduler.get_last_lr()[0]
+    losses = []
+    for micro in range(run.accumulation):
+        batch = run.data.train[rows[micro * micro_batch:(micro + 1) * micro_batch]]
+        sync = nullcontext() if micro == run.accumulation - 1 else accelerator.no_sync(model)
+        with sync:
+            loss = lm_loss(model, batch, accelerator.device, config["chunked_loss"])
+            accelerator.backward(loss / run.accumulation)
+        losses.append(loss.detach().float())
+    loss = float(accelerator.reduce(torch.stack(losses).mean(), "mean"))
+    grad_norm = None
+    if config["grad_clip"] > 0:
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config["grad_clip"]))
+    check_finite(run, loss, grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    run.tokens_seen += config["batch_size"] * config["seq_len"]
+    return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+
+
+def check_finite(run: Run, loss: float, grad_norm) -> None:
+    """Raise NonFiniteLossError for a NaN/infinite loss, or gradient norm (fp16's scaler skips those steps itself)."""
+    bad_norm = grad_norm is not None and not math.isfinite(grad_norm) and run.config["mixed_precision"] != "fp16"
+    if math.isfinite(loss) and not bad_norm:
+        return
+    what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+    where = (f"The last good checkpoint is {run.last_checkpoint}; continue from its weights with a lower lr "
+             f"(or more warmup_steps): --init-from {run.last_checkpoint}" if run.last_checkpoint is not None
+             else "No checkpoint was written before it.")
+    raise NonFiniteLossError(f"step {run.step + 1}: the training {what} (not finite); stopped before the "
+                             f"optimizer step, nothing was saved. {where}")
+
+
+def evaluate_and_save(run: Run, loss: float, progress) -> None:
+    """After step `run.step`: the validation loss every `eval_every` steps, a checkpoint every `save_every` (both at
+    the last step)."""
+    config, step = run.config, run.step
+    last = step == config["max_steps"]
+    if step % config["eval_every"] == 0 or last:
+        val_loss = evaluate(run.accelerator, run.model, run.data.validation, config)
+        run.log.write(step=step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+        progress.set_postfix(loss=f"{loss:.3f}", val_loss=f"{val_loss:.3f}", refresh=False)
+    if step % config["save_every"] == 0 or last:
+        trainer_state = {"step": step, "tokens_seen": run.tokens_seen, "data_position": run.data.order.position(step),
+                         "data_fingerprint": run.data.fingerprint, "config": config}
+        run.last_checkpoint = save_checkpoint(run.accelerator, run.model, run.optimizer, run.scheduler,
+                                              run.data.tokenizer, trainer_state, config["out_dir"], config["keep_last"])
+
+
+__all__ = ["NonFiniteLossError", "make_accelerator", "run_training"]

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import matmul_rate, median, print_table, take_turns, write_results
-from longctx.attention import AttentionMask, blocked_attention, eager_attention, rerope_band_attention
+from longctx.attention import AttentionMask, PreRope, blocked_attention, eager_attention, rerope_band_attention
+from longctx.configuration_longctx import LongCtxConfig
 
 HEADS, HEAD_DIM = 4, 64
 BACKENDS = ("eager", "sdpa_torch", "blocked", "rerope", "flash_attn")
@@ -30,13 +31,14 @@ def backends(q, k, v, length, eager_max):
     heads, head_dim = q.shape[1], q.shape[-1]
     scale, mask = head_dim**-0.5, AttentionMask(length, length)
     positions = torch.arange(length, device=q.device)[None]
-    rope = {"rope_type": "rerope", "rerope_window": max(1, length // 16)}
+    config = LongCtxConfig(hidden_size=heads * head_dim, num_attention_heads=heads, max_position_embeddings=length,
+                           rope_parameters={"rope_type": "rerope", "rerope_window": max(1, length // 16)})
     inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, device=q.device).float() / head_dim)
+    pre_rope = PreRope(positions, positions, inv_freq, config)  # blocks of 2**22 scores (AttentionSettings' default)
     fns = {
         "sdpa_torch": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale),
         "blocked": lambda: blocked_attention(q, k, v, mask, scale),
-        "rerope": lambda: rerope_band_attention(q, k, v, positions, positions, mask, scale, 0.0, inv_freq, rope,
-                                                2**22 // (heads * length)),
+        "rerope": lambda: rerope_band_attention(q, k, v, mask, scale, pre_rope=pre_rope),
     }
     if length <= eager_max:
         fns["eager"] = lambda: eager_attention(q, k, v, mask, scale)

@@ -1,13 +1,13 @@
 """Masks in prefills: does a padded batch, or a prefill in chunks against a cache, cost an (L × L) mask?
 
-longctx's `sdpa` runs a padded prefill of at least `PER_ROW_QUERIES` tokens row by row, each row causal over its
-real tokens (`AttentionMask.real_spans`); `padded_dense` (PER_ROW_QUERIES and MASK_BLOCK_ELEMENTS out of reach) is
-the one masked SDPA call it replaces. A prefill in chunks of `--chunk` tokens through the cache needs a mask (its
-queries are the last of the keys): `chunked` runs it a block of query rows at a time (`MASK_BLOCK_ELEMENTS`),
-`chunked_whole_mask` as one call with the whole (chunk × keys) mask. A 4-layer model (hidden 256, 4 heads of
-64), batch 2 (for `padded` one row `--pad` tokens shorter), float32, no full logits (`logits_to_keep=1`); each
-case in a fresh process: seconds of one forward (or chunked prefill) after a warm-up on a short input, and peak
-RSS above the loaded model.
+longctx's `sdpa` runs a padded prefill of at least `per_row_queries` tokens row by row, each row causal over its
+real tokens (`AttentionMask.real_spans`); `padded_dense` (`per_row_queries` and `mask_block_elements` of
+`longctx.attention.AttentionSettings` out of reach) is the one masked SDPA call it replaces. A prefill in chunks of
+`--chunk` tokens through the cache needs a mask (its queries are the last of the keys): `chunked` runs it a block
+of query rows at a time (`mask_block_elements`), `chunked_whole_mask` as one call with the whole (chunk × keys)
+mask. A 4-layer model (hidden 256, 4 heads of 64), batch 2 (for `padded` one row `--pad` tokens shorter),
+float32, no full logits (`logits_to_keep=1`); each case in a fresh process: seconds of one forward (or chunked
+prefill) after a warm-up on a short input, and peak RSS above the loaded model.
 
 Usage: python -m benchmarks.bench_padding [--lengths 2048 8192 16384] [--pad 100] [--chunk 4096]
        [--chunk-lengths 8192]
@@ -28,8 +28,9 @@ def case(spec):
     from longctx.modeling_longctx import output_cache
 
     torch.set_num_threads(2)
+    whole_mask = {}
     if spec["mode"] in ("padded_dense", "chunked_whole_mask"):  # one SDPA call with the whole mask
-        attention.PER_ROW_QUERIES = attention.MASK_BLOCK_ELEMENTS = 2**62
+        whole_mask = {"per_row_queries": 2**62, "mask_block_elements": 2**62}
     torch.manual_seed(0)
     length = spec["length"]
     config = LongCtxConfig(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -41,7 +42,7 @@ def case(spec):
     kwargs = {} if spec["mode"] == "unpadded" else {"attention_mask": mask}
 
     def forward():
-        with torch.no_grad():
+        with torch.no_grad(), attention.attention_settings(**whole_mask):
             if spec["mode"] in CHUNKED_MODES:
                 cache = None
                 for start in range(0, length, spec["chunk"]):

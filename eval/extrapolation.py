@@ -16,6 +16,8 @@ from typing import ClassVar
 
 from tqdm.auto import tqdm
 
+from longctx.rope import ROPE_SPECS
+
 from . import report, sweep
 from .cli import eval_text, make_parser, run_cli
 from .metrics import score_windows
@@ -128,7 +130,8 @@ class Extrapolation:
             sliding["sliding"] = f"plain set, windows of L every S={self.sliding} tokens, last S predictions scored"
         return {
             "rope_theta": s.rope_theta, "rerope_window": s.rerope_window, "leaky_factor": s.leaky_factor,
-            "mixed_exponent": 0.625, "dynamic": DYNAMIC_PROTOCOL[s.dynamic], "logn": logn, "lengths": session.lengths,
+            "mixed_exponent": ROPE_SPECS["ntk-mixed"].keys["mixed_exponent"], "dynamic": DYNAMIC_PROTOCOL[s.dynamic],
+            "logn": logn, "lengths": session.lengths,
             "sets": {"plain": f"documents of {self.text}, joined by EOS, cut into disjoint windows (positions 0..L-1)",
                      "repeat": "each window = one segment of ceil(L/2) held-out tokens written twice, cut to L"},
             "chunked": "every prediction of every window scored (L − 1 per window)", **sliding,

@@ -100,19 +100,20 @@ def check_variants(names, settings: VariantSettings) -> list[str]:
 def variant_scheme(name: str, settings: VariantSettings, length: int) -> dict:
     """`set_rope` keyword arguments (`rope_parameters`, `logn_scaling`) for variant `name` at eval length `length`
     (only `dynamic` in `prefill` mode depends on it)."""
+    from longctx.rope import ROPE_SPECS  # which keys each rope_type takes; its other keys keep their defaults
+
     base = name.removesuffix(LOGN)
-    rope = {"rope_type": ROPE_TYPES[base], "rope_theta": settings.rope_theta,
+    spec = ROPE_SPECS[ROPE_TYPES[base]]
+    rope = {"rope_type": spec.name, "rope_theta": settings.rope_theta,
             "original_max_position_embeddings": settings.train_len}
-    if base in ("pi", "ntk", "ntk-fixed", "ntk-mixed", "yarn"):
-        rope["factor"] = settings.factor
+    if "rerope_window" in spec.keys:
+        rope["rerope_window"] = settings.rerope_window
+    if spec.needs_factor:
+        rope["factor"] = settings.leaky_factor if base == "leaky-rerope" else settings.factor
     if base == "dynamic" and settings.dynamic == "prefill":
         rope.update(rope_type="ntk", factor=max(1.0, length / settings.train_len))  # the window's own scale
     elif base == "dynamic":
         rope["factor"] = 1.0  # scale (p + 1) / L_train: NTK with k = current length / L_train (YaRN §3.3)
-    if base in ("rerope", "leaky-rerope"):
-        rope["rerope_window"] = settings.rerope_window
-    if base == "leaky-rerope":
-        rope["factor"] = settings.leaky_factor
     logn = "posthoc" if name.endswith(LOGN) else settings.native_logn
     return {"rope_parameters": rope, "logn_scaling": logn}
 

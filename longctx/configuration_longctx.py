@@ -4,21 +4,8 @@ import math
 
 from transformers.configuration_utils import PreTrainedConfig
 
-# Keys each rope_type accepts besides the common ones (methods.md §2–10; HF's keys for linear/dynamic/yarn/llama3).
-COMMON_ROPE_KEYS = {"rope_type", "rope_theta", "factor", "original_max_position_embeddings"}
-ROPE_TYPE_KEYS = {
-    "default": set(),
-    "linear": set(),
-    "ntk": set(),
-    "ntk-fixed": set(),
-    "ntk-mixed": {"mixed_exponent"},
-    "dynamic": set(),
-    "yarn": {"beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate"},
-    "llama3": {"low_freq_factor", "high_freq_factor"},
-    "rerope": {"rerope_window"},
-    "leaky-rerope": {"rerope_window"},
-}
-ROPE_TYPES_WITH_FACTOR = {"linear", "ntk", "ntk-fixed", "ntk-mixed", "dynamic", "yarn", "llama3", "leaky-rerope"}
+# Keys every rope_type accepts; each type's own keys, defaults and checks are its `longctx.rope.RopeSpec`.
+COMMON_ROPE_KEYS = frozenset({"rope_type", "rope_theta", "factor", "original_max_position_embeddings"})
 LOGN_SCALING_MODES = ("off", "trained", "posthoc")
 TIED_EMBEDDING_MODES = ("plain", "small-init", "projection", "half-swap")
 LRU_SCAN_BACKENDS = ("auto", "native", "chunked")  # auto: native (C, CPU) where it builds, else chunked (torch)
@@ -76,6 +63,14 @@ def _check_dtype(value):
         _fail("dtype", value, "expected None, 'auto', a torch.dtype or its name ('float32', 'bfloat16', ...)")
 
 
+def _rope_specs():
+    """`longctx.rope.ROPE_SPECS`, imported when first needed: rope.py imports torch, and this module (which
+    rope.py imports) does not."""
+    from .rope import ROPE_SPECS
+
+    return ROPE_SPECS
+
+
 def original_max_positions(config) -> int:
     """L_train: `rope_parameters["original_max_position_embeddings"]`, else `max_position_embeddings`."""
     return config.rope_parameters.get("original_max_position_embeddings") or config.max_position_embeddings
@@ -85,7 +80,7 @@ class LongCtxConfig(PreTrainedConfig):
     r"""Configuration of a longctx model: a Llama decoder with long-context position schemes and optional LRU blocks.
 
     Llama's fields keep their names and defaults. Beyond them (SPEC §2): `rope_parameters` (any rope_type of
-    `longctx.rope.ROPE_INIT_FUNCTIONS`), `logn_scaling`, `qk_bias`, `tied_embedding_mode`, `block_types` and the
+    `longctx.rope.ROPE_SPECS`), `logn_scaling`, `qk_bias`, `tied_embedding_mode`, `block_types` and the
     `lru_*` fields. Every field is checked here; a bad value raises `ValueError` naming the field.
 
     ```python
@@ -169,10 +164,11 @@ class LongCtxConfig(PreTrainedConfig):
             rope.pop("partial_rotary_factor", None)
         self.rope_parameters = rope
         self.validate_longctx()
-        if rope["rope_type"] == "llama3" and given.get("original_max_position_embeddings") is None:
+        spec = _rope_specs()[rope["rope_type"]]
+        if spec.needs_original_length and given.get("original_max_position_embeddings") is None:
             _fail("rope_parameters.original_max_position_embeddings", None,
-                  "rope_type='llama3' needs the pre-training length it scales from (HF's llama3 keys; transformers "
-                  "would assume max_position_embeddings)")
+                  f"rope_type={rope['rope_type']!r} needs the pre-training length it scales from (HF's llama3 keys; "
+                  "transformers would assume max_position_embeddings)")
 
     def _resolve_block_types(self):
         """`block_types` and transformers' `layer_types` name the same thing: one is derived from the other (all
@@ -251,16 +247,19 @@ class LongCtxConfig(PreTrainedConfig):
         _check_choice("lru_scan_backend", self.lru_scan_backend, LRU_SCAN_BACKENDS)
 
     def _validate_rope_parameters(self, rope):
+        """The common keys, then the rope_type's own (`RopeSpec`: defaults filled in, its `check`)."""
+        specs = _rope_specs()
         rope_type = rope["rope_type"]
-        if not isinstance(rope_type, str) or rope_type not in ROPE_TYPE_KEYS:
-            _fail("rope_parameters.rope_type", rope_type, f"allowed: {', '.join(ROPE_TYPE_KEYS)}")
-        allowed = COMMON_ROPE_KEYS | ROPE_TYPE_KEYS[rope_type]
+        if not isinstance(rope_type, str) or rope_type not in specs:
+            _fail("rope_parameters.rope_type", rope_type, f"allowed: {', '.join(specs)}")
+        spec = specs[rope_type]
+        allowed = COMMON_ROPE_KEYS | set(spec.keys)
         unknown = sorted(set(rope) - allowed)
         if unknown:
             _fail(f"rope_parameters.{unknown[0]}", rope[unknown[0]],
                   f"rope_type={rope_type!r} accepts only {', '.join(sorted(allowed))}")
         _check_number("rope_parameters.rope_theta", rope["rope_theta"], low=1, low_open=True)
-        if rope_type in ROPE_TYPES_WITH_FACTOR:
+        if spec.needs_factor:
             if "factor" not in rope:
                 _fail("rope_parameters.factor", None, f"rope_type={rope_type!r} needs a scale factor k >= 1")
             _check_number("rope_parameters.factor", rope["factor"], low=1)
@@ -268,35 +267,11 @@ class LongCtxConfig(PreTrainedConfig):
             _check_number("rope_parameters.factor", rope["factor"], low=1)
         if rope.get("original_max_position_embeddings") is not None:
             _check_int("rope_parameters.original_max_position_embeddings", rope["original_max_position_embeddings"])
-        train_len = original_max_positions(self)
-        if rope_type == "ntk-mixed":
-            _check_number("rope_parameters.mixed_exponent", rope.setdefault("mixed_exponent", 0.625), low=0,
-                          low_open=True, high=1)
-        if rope_type == "yarn":
-            _check_number("rope_parameters.beta_fast", rope.setdefault("beta_fast", 32.0), low=0, low_open=True)
-            _check_number("rope_parameters.beta_slow", rope.setdefault("beta_slow", 1.0), low=0, low_open=True)
-            if rope["beta_slow"] >= rope["beta_fast"]:
-                _fail("rope_parameters.beta_slow", rope["beta_slow"], f"must be < beta_fast={rope['beta_fast']}")
-            for key in ("attention_factor", "mscale", "mscale_all_dim"):
-                if rope.get(key) is not None:
-                    _check_number(f"rope_parameters.{key}", rope[key], low=0, low_open=True)
-            if not isinstance(rope.get("truncate", True), bool):
-                _fail("rope_parameters.truncate", rope["truncate"], "expected True or False")
-        if rope_type == "llama3":
-            for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-                if rope.get(key) is None:
-                    _fail(f"rope_parameters.{key}", None, "rope_type='llama3' needs it (HF's llama3 keys)")
-            _check_number("rope_parameters.low_freq_factor", rope["low_freq_factor"], low=0, low_open=True)
-            _check_number("rope_parameters.high_freq_factor", rope["high_freq_factor"], low=0, low_open=True)
-            if rope["high_freq_factor"] <= rope["low_freq_factor"]:
-                _fail("rope_parameters.high_freq_factor", rope["high_freq_factor"],
-                      f"must be > low_freq_factor={rope['low_freq_factor']}")
-        if rope_type in ("rerope", "leaky-rerope"):
-            window = rope.get("rerope_window")
-            _check_int("rope_parameters.rerope_window", window)
-            if window >= train_len:
-                _fail("rope_parameters.rerope_window", window,
-                      f"must be < the training length L_train={train_len} (w = L_train collapses; methods.md §8)")
+        for key, default in spec.keys.items():
+            if default is not None:
+                rope.setdefault(key, default)
+        if spec.check is not None:
+            spec.check(rope, original_max_positions(self))
 
 
 __all__ = ["LongCtxConfig"]

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .configuration_longctx import ROPE_TYPES_WITH_FACTOR, LongCtxConfig, original_max_positions
+from .configuration_longctx import LongCtxConfig, original_max_positions
 from .files import check_model_source
 from .modeling_longctx import LongCtxForCausalLM
-from .rope import compute_inv_freq
+from .rope import ROPE_SPECS, compute_inv_freq
 
 _LLAMA_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -118,7 +118,7 @@ def serving_length(config) -> int:
     """max_position_embeddings for the exported config (engines cap a context at it): the model's, or L_train·k where
     a scaled scheme reaches further."""
     rope = config.rope_parameters
-    if rope["rope_type"] not in ROPE_TYPES_WITH_FACTOR:
+    if not ROPE_SPECS[rope["rope_type"]].needs_factor:
         return config.max_position_embeddings
     return max(config.max_position_embeddings, math.ceil(original_max_positions(config) * rope["factor"]))
 

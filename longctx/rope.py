@@ -1,17 +1,24 @@
-"""Rotary position embeddings: one frequency function per `rope_type`, one registry, cos/sin, rotation.
+"""Rotary position embeddings: one `RopeSpec` per `rope_type` (its frequency function, keys, checks, attention
+path) in one registry, `ROPE_SPECS`; cos/sin; rotation.
 
-Every function has HF's shape `(config, device=None, seq_len=None) -> (inv_freq[head_dim // 2], attention_scaling)`.
-Formulas: `reference/methods.md` §1–10. `attention_scaling` multiplies cos and sin (so q·k × scaling², YaRN §10).
+Every frequency function has HF's shape `(config, device=None, seq_len=None) -> (inv_freq[head_dim // 2],
+attention_scaling)`. Formulas: `reference/methods.md` §1–10. `attention_scaling` multiplies cos and sin (so q·k ×
+scaling², YaRN §10). Each type's checks run after `LongCtxConfig`'s common ones, on its `rope_parameters` with the
+spec's defaults filled in, and raise its ValueError naming the key.
 """
 
 import copy
 import json
 import math
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .configuration_longctx import LongCtxConfig, original_max_positions
+from .configuration_longctx import (COMMON_ROPE_KEYS, LongCtxConfig, _check_int, _check_number, _fail,
+                                    original_max_positions)
 
 
 def _default_inv_freq(base: float, dim: int, device=None) -> torch.Tensor:
@@ -23,6 +30,13 @@ def _default_inv_freq(base: float, dim: int, device=None) -> torch.Tensor:
 def _params(config):
     rope = config.rope_parameters
     return rope, float(rope["rope_theta"]), config.head_dim
+
+
+def _key(rope, name):
+    """`rope[name]`, else its rope_type's default (`RopeSpec.keys`): validation writes the defaults in, but a
+    `rope_parameters` dict set on a config after construction (as transformers' tests do) may lack them."""
+    value = rope.get(name)
+    return ROPE_SPECS[rope["rope_type"]].keys[name] if value is None else value
 
 
 def default_rope(config, device=None, seq_len=None):
@@ -53,10 +67,14 @@ def ntk_fixed_rope(config, device=None, seq_len=None):
 def ntk_mixed_rope(config, device=None, seq_len=None):
     """Su's β-base mixed NTK: inv_freq[i] = b^{-2i/d}·exp(−a(i+1)^e), a = ln k/(d/2)^e (methods.md §5)."""
     rope, base, dim = _params(config)
-    k, exponent = rope["factor"], rope.get("mixed_exponent", 0.625)
+    k, exponent = rope["factor"], _key(rope, "mixed_exponent")
     a = math.log(k) / (dim / 2) ** exponent
     pair = torch.arange(1, dim // 2 + 1, dtype=torch.float64, device=device)
     return _default_inv_freq(base, dim, device) * torch.exp(-a * pair**exponent).float(), 1.0
+
+
+def _check_ntk_mixed(rope, train_len):
+    _check_number("rope_parameters.mixed_exponent", rope["mixed_exponent"], low=0, low_open=True, high=1)
 
 
 def dynamic_inv_freq(config, seq_lens: torch.Tensor) -> torch.Tensor:
@@ -95,8 +113,8 @@ def yarn_rope(config, device=None, seq_len=None):
     def correction_dim(rotations):  # the pair index whose wavelength fits `rotations` times into L_train
         return dim * math.log(train_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    low, high = correction_dim(rope.get("beta_fast", 32)), correction_dim(rope.get("beta_slow", 1))
-    if rope.get("truncate", True):
+    low, high = correction_dim(_key(rope, "beta_fast")), correction_dim(_key(rope, "beta_slow"))
+    if rope.get("truncate", True):  # (HF's default; not written into the config)
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
@@ -106,6 +124,18 @@ def yarn_rope(config, device=None, seq_len=None):
     pos_freqs = base ** (torch.arange(0, dim, 2, device=device).float() / dim)  # HF's operation order, bit for bit
     interpolation, extrapolation = 1.0 / (factor * pos_freqs), 1.0 / pos_freqs
     return interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight, float(attention_factor)
+
+
+def _check_yarn(rope, train_len):
+    _check_number("rope_parameters.beta_fast", rope["beta_fast"], low=0, low_open=True)
+    _check_number("rope_parameters.beta_slow", rope["beta_slow"], low=0, low_open=True)
+    if rope["beta_slow"] >= rope["beta_fast"]:
+        _fail("rope_parameters.beta_slow", rope["beta_slow"], f"must be < beta_fast={rope['beta_fast']}")
+    for key in ("attention_factor", "mscale", "mscale_all_dim"):
+        if rope.get(key) is not None:
+            _check_number(f"rope_parameters.{key}", rope[key], low=0, low_open=True)
+    if "truncate" in rope and not isinstance(rope["truncate"], bool):
+        _fail("rope_parameters.truncate", rope["truncate"], "expected True or False")
 
 
 def llama3_rope(config, device=None, seq_len=None):
@@ -122,29 +152,87 @@ def llama3_rope(config, device=None, seq_len=None):
     return torch.where(is_medium, blended, scaled), 1.0
 
 
-# ReRoPE and Leaky ReRoPE keep plain frequencies; the relative-position remapping lives in the attention (§8).
-ROPE_INIT_FUNCTIONS = {
-    "default": default_rope,
-    "linear": linear_rope,
-    "ntk": ntk_rope,
-    "ntk-fixed": ntk_fixed_rope,
-    "ntk-mixed": ntk_mixed_rope,
-    "dynamic": dynamic_rope,
-    "yarn": yarn_rope,
-    "llama3": llama3_rope,
-    "rerope": default_rope,
-    "leaky-rerope": default_rope,
-}
+def _check_llama3(rope, train_len):
+    for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        if rope.get(key) is None:
+            _fail(f"rope_parameters.{key}", None, "rope_type='llama3' needs it (HF's llama3 keys)")
+    _check_number("rope_parameters.low_freq_factor", rope["low_freq_factor"], low=0, low_open=True)
+    _check_number("rope_parameters.high_freq_factor", rope["high_freq_factor"], low=0, low_open=True)
+    if rope["high_freq_factor"] <= rope["low_freq_factor"]:
+        _fail("rope_parameters.high_freq_factor", rope["high_freq_factor"],
+              f"must be > low_freq_factor={rope['low_freq_factor']}")
+
+
+def _check_rerope(rope, train_len):
+    window = rope.get("rerope_window")
+    _check_int("rope_parameters.rerope_window", window)
+    if window >= train_len:
+        _fail("rope_parameters.rerope_window", window,
+              f"must be < the training length L_train={train_len} (w = L_train collapses; methods.md §8)")
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Everything longctx knows of one `rope_type`. A new variant is one `RopeSpec` in `ROPE_SPECS` (plus its test
+    row): config validation, the frequency registry, the KV cache and the attention read it from there.
+
+    - `inv_freq`: its frequency table, `(config, device=None, seq_len=None) -> (inv_freq, attention_scaling)`.
+    - `keys`: its own `rope_parameters` keys (besides `COMMON_ROPE_KEYS`), each with the default that validation
+      writes in when it is absent; None: nothing is written (the key is optional, or `check` requires it).
+    - `needs_factor`: whether `factor` (k >= 1) is required; every type accepts one.
+    - `needs_original_length`: whether `original_max_position_embeddings` must be given by the caller
+      (transformers would fill in max_position_embeddings).
+    - `check`: `(rope_parameters, train_len) -> None`, its own checks after the common ones.
+    - `attention`: its attention path (`longctx.attention.choose_attention`): "after_rope" (q and k rotated once,
+      keys cached after RoPE, any backend), "rerope" (ReRoPE's two score matrices, methods.md §8) or "dynamic" (each
+      query's own table, §10); the last two keep the keys before RoPE, in the KV cache too, and rotate them at every
+      step.
+    """
+
+    name: str
+    inv_freq: Callable
+    keys: Mapping[str, object] = field(default_factory=dict)
+    needs_factor: bool = False
+    needs_original_length: bool = False
+    check: Callable | None = None
+    attention: str = "after_rope"
+
+    def __post_init__(self):
+        object.__setattr__(self, "keys", types.MappingProxyType(dict(self.keys)))  # frozen all the way down
+        if set(self.keys) & COMMON_ROPE_KEYS:
+            raise ValueError(f"RopeSpec {self.name!r}: keys {sorted(set(self.keys) & COMMON_ROPE_KEYS)} are common "
+                             "to every rope_type (COMMON_ROPE_KEYS)")
+
+    @property
+    def keys_before_rope(self) -> bool:
+        return self.attention != "after_rope"
+
+
+ROPE_SPECS = {spec.name: spec for spec in (
+    RopeSpec("default", default_rope),
+    RopeSpec("linear", linear_rope, needs_factor=True),
+    RopeSpec("ntk", ntk_rope, needs_factor=True),
+    RopeSpec("ntk-fixed", ntk_fixed_rope, needs_factor=True),
+    RopeSpec("ntk-mixed", ntk_mixed_rope, {"mixed_exponent": 0.625}, needs_factor=True, check=_check_ntk_mixed),
+    RopeSpec("dynamic", dynamic_rope, needs_factor=True, attention="dynamic"),
+    RopeSpec("yarn", yarn_rope, {"beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": None, "mscale": None,
+                                 "mscale_all_dim": None, "truncate": None},  # truncate: True when absent (HF's)
+             needs_factor=True, check=_check_yarn),
+    RopeSpec("llama3", llama3_rope, {"low_freq_factor": None, "high_freq_factor": None}, needs_factor=True,
+             needs_original_length=True, check=_check_llama3),
+    # ReRoPE and Leaky ReRoPE keep plain frequencies; the relative-position remapping lives in the attention (§8).
+    RopeSpec("rerope", default_rope, {"rerope_window": None}, check=_check_rerope, attention="rerope"),
+    RopeSpec("leaky-rerope", default_rope, {"rerope_window": None}, needs_factor=True, check=_check_rerope,
+             attention="rerope"),
+)}
+# Views of ROPE_SPECS under the names transformers and earlier longctx use.
+ROPE_INIT_FUNCTIONS = {name: spec.inv_freq for name, spec in ROPE_SPECS.items()}  # as HF's ROPE_INIT_FUNCTIONS
+KEYS_BEFORE_ROPE = tuple(name for name, spec in ROPE_SPECS.items() if spec.keys_before_rope)
 
 
 def compute_inv_freq(config, seq_len=None):
     """The frequency table and attention scaling of `config.rope_parameters` (`seq_len` matters for `dynamic`)."""
-    return ROPE_INIT_FUNCTIONS[config.rope_parameters["rope_type"]](config, None, seq_len)
-
-
-# rope_types whose attention keeps the keys before RoPE (in the KV cache too) and rotates them at every step:
-# dynamic NTK (a query's table depends on its own position) and ReRoPE / Leaky ReRoPE (methods.md §8, §10).
-KEYS_BEFORE_ROPE = ("dynamic", "rerope", "leaky-rerope")
+    return ROPE_SPECS[config.rope_parameters["rope_type"]].inv_freq(config, None, seq_len)
 
 
 def rope_scheme(config) -> str:

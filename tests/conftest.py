@@ -23,6 +23,18 @@ def tiny_kwargs():
     return tiny_config_kwargs
 
 
+@pytest.fixture
+def use_attention_settings():
+    """`use_attention_settings(**changes)`: the rest of the test runs under these `longctx.attention` settings
+    (`attention_settings`, entered until the test ends; calls add up)."""
+    import contextlib
+
+    from longctx.attention import attention_settings
+
+    with contextlib.ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(attention_settings(**changes))
+
+
 def tiny_model(seed=0, attn="sdpa", **overrides):
     """A `LongCtxForCausalLM` on `tiny_config_kwargs`, eval mode, seeded (same seed and shape: same weights)."""
     from longctx import LongCtxConfig, LongCtxForCausalLM

@@ -74,7 +74,7 @@ def test_blocked_attention_operator_passes_opcheck(padded):
     q = torch.randn(2, 40, 4, 16, generator=g).transpose(1, 2).to(torch.bfloat16)  # (batch, heads, q_len, d), strided
     k, v = (torch.randn(2, 2, 40, 16, generator=g).to(torch.bfloat16) for _ in range(2))
     padding = torch.arange(40)[None].expand(2, -1) >= torch.tensor([[0], [7]]) if padded else None
-    torch.library.opcheck(torch.ops.longctx.blocked_attention.default, (q, k, v, padding, 40, 0.25, 0.0))
+    torch.library.opcheck(torch.ops.longctx.blocked_attention.default, (q, k, v, padding, 40, 0.25, 0.0, 16))
 
 
 def test_compiled_training_with_gradient_checkpointing_equals_eager():

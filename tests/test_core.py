@@ -205,8 +205,8 @@ def test_sdpa_causal_path_builds_no_dense_mask(monkeypatch):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_prefill_runs_row_by_row_without_a_dense_mask(monkeypatch, side):
-    """A padded batch of >= PER_ROW_QUERIES tokens: each row causal over its real run (no L × L mask), the real
-    positions' logits and every gradient as with the dense mask."""
+    """A padded batch of >= `AttentionSettings.per_row_queries` tokens: each row causal over its real run (no L × L
+    mask), the real positions' logits and every gradient as with the dense mask."""
     import longctx.attention as attention
 
     model = tiny_model().train()
@@ -222,9 +222,9 @@ def test_padded_prefill_runs_row_by_row_without_a_dense_mask(monkeypatch, side):
         (logits * real).square().mean().backward()  # a loss over the real positions only
         return logits * real, {name: p.grad.clone() for name, p in model.named_parameters()}
 
-    monkeypatch.setattr(attention, "PER_ROW_QUERIES", 10**9)
-    dense_logits, dense_grads = logits_and_grads()
-    monkeypatch.setattr(attention, "PER_ROW_QUERIES", 256)
+    with attention.attention_settings(per_row_queries=10**9):  # no row-by-row split: one masked call
+        dense_logits, dense_grads = logits_and_grads()
+    assert attention.DEFAULT_ATTENTION_SETTINGS.per_row_queries <= width
     monkeypatch.setattr(AttentionMask, "dense", lambda self, device: pytest.fail("dense mask built"))
     logits, grads = logits_and_grads()
     torch.testing.assert_close(logits, dense_logits, atol=1e-5, rtol=1e-5)
@@ -251,14 +251,14 @@ def test_masked_prefills_run_in_row_blocks_without_the_whole_mask(monkeypatch):
             chunked = model(ids[:, 100:], attention_mask=mask, cache=cache, use_cache=True).logits
         return logits, chunked, {name: p.grad.clone() for name, p in model.named_parameters()}
 
-    monkeypatch.setattr(attention, "MASK_BLOCK_ELEMENTS", 10**12)  # one call, the whole mask
-    whole = run()
+    with attention.attention_settings(mask_block_elements=10**12):  # one call, the whole mask
+        whole = run()
     built, budget = [], 64 * 300
     build = AttentionMask._build
     monkeypatch.setattr(AttentionMask, "_build", lambda self, start, end, device: built.append(
         (end - start) * (self.kv_len - self.q_len + end)) or build(self, start, end, device))
-    monkeypatch.setattr(attention, "MASK_BLOCK_ELEMENTS", budget)  # blocks of 64 rows
-    blocked = run()
+    with attention.attention_settings(mask_block_elements=budget):  # blocks of 64 rows
+        blocked = run()
     assert built and max(built) <= budget
     torch.testing.assert_close(blocked[0] * holes[..., None], whole[0] * holes[..., None], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(blocked[1], whole[1], atol=1e-5, rtol=1e-5)  # the chunk: real tokens only

@@ -14,11 +14,10 @@ import torch
 from conftest import left_padded, tiny_model
 from formulas import dense_attention, frequency_table, train_length
 
-import longctx.attention as attention
 from longctx import LongCtxConfig
 from longctx.attention import AttentionMask
 from longctx.modeling_longctx import output_cache
-from longctx.rope import compute_inv_freq
+from longctx.rope import ROPE_SPECS, compute_inv_freq
 
 RE_ROPE = {"rope_type": "rerope", "rerope_window": 12}
 LEAKY = {"rope_type": "leaky-rerope", "rerope_window": 12, "factor": 8.0}
@@ -94,14 +93,14 @@ BACKENDS = {"eager": ("eager", None), "sdpa": ("sdpa", None), "sdpa-blocks-of-7"
 @pytest.mark.parametrize("case,backend", [pytest.param(case, backend, id=f"{case}-{backend}") for case in CASES
                                           for backend in BACKENDS
                                           if backend != "sdpa-blocks-of-7" or case in KEYS_BEFORE_ROPE])
-def test_attention_layers_equal_the_formula(case, backend, mode, monkeypatch):
+def test_attention_layers_equal_the_formula(case, backend, mode, use_attention_settings):
     """Left-padded batch (40 and 29 real tokens), two layers. "cached": a 15-token prompt, a 7-token chunk, then
     one token per step through the cache. "sdpa-blocks-of-7": the block-wise paths of the schemes that keep keys
     before RoPE, 7 query rows at a time."""
     attn, blocks = BACKENDS[backend]
     if blocks is not None:
-        monkeypatch.setattr(attention, "SCORE_BLOCK_ELEMENTS", 2 * 4 * 40 * blocks)
-        monkeypatch.setattr(attention, "ROTATED_KEY_ELEMENTS", 2 * 2 * 40 * 16 * blocks)
+        use_attention_settings(score_block_elements=2 * 4 * 40 * blocks,
+                               rotated_key_elements=2 * 2 * 40 * 16 * blocks)
     model = sharp_model(attn, **CASES[case])
     calls = record_attention(model)
     ids, mask = left_padded([40, 29], 40)
@@ -133,13 +132,13 @@ def test_attention_at_given_positions_with_gaps_equals_the_formula(case, attn):
 
 @pytest.mark.parametrize("case", ["rerope", "leaky", "dynamic"])
 @pytest.mark.parametrize("backend", ["eager", "sdpa", "sdpa-blocks-of-7"])
-def test_attention_after_padding_holes_equals_the_formula(case, backend, monkeypatch):
+def test_attention_after_padding_holes_equals_the_formula(case, backend, use_attention_settings):
     """Padding inside a row (a right-padded prompt continued through the cache; a hole and left padding): the
     cached keys' positions skip the padding, and the padding keys stay hidden, in every path."""
     attn, blocks = BACKENDS[backend]
     if blocks is not None:
-        monkeypatch.setattr(attention, "SCORE_BLOCK_ELEMENTS", 3 * 4 * 44 * blocks)
-        monkeypatch.setattr(attention, "ROTATED_KEY_ELEMENTS", 3 * 2 * 44 * 16 * blocks)
+        use_attention_settings(score_block_elements=3 * 4 * 44 * blocks,
+                               rotated_key_elements=3 * 2 * 44 * 16 * blocks)
     model = sharp_model(attn, **CASES[case])
     calls = record_attention(model)
     ids = torch.randint(1, 128, (3, 44), generator=torch.Generator().manual_seed(3))
@@ -157,11 +156,10 @@ def test_attention_after_padding_holes_equals_the_formula(case, backend, monkeyp
 
 @pytest.mark.parametrize("case", ["rerope", "leaky", "dynamic"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_attention_gradients_equal_the_formula(case, attn, monkeypatch):
+def test_attention_gradients_equal_the_formula(case, attn, use_attention_settings):
     """Fine-tuning under these schemes (Su's InvLeaky recipe, dynamic NTK past L_train): the gradients of one
     attention layer — its weights and its input — equal those of the reference, through the block-wise paths."""
-    monkeypatch.setattr(attention, "SCORE_BLOCK_ELEMENTS", 2 * 4 * 36 * 5)
-    monkeypatch.setattr(attention, "ROTATED_KEY_ELEMENTS", 2 * 2 * 36 * 16 * 5)
+    use_attention_settings(score_block_elements=2 * 4 * 36 * 5, rotated_key_elements=2 * 2 * 36 * 16 * 5)
     model = sharp_model(attn, num_hidden_layers=1, **CASES[case]).train()
     layer, rotary = model.model.layers[0].self_attn, model.model.rotary_emb
     _, mask = left_padded([36, 27], 36)
@@ -219,3 +217,10 @@ def test_frequency_tables_equal_the_formulas(rope):
             expected, expected_factor = frequency_table(params, head_dim, 4096, length)
             torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0, msg=f"{params} at {length}")
             assert got_factor == pytest.approx(expected_factor, rel=1e-12), (params, length)
+
+
+def test_every_rope_type_has_its_rows():
+    """A new `RopeSpec` needs its row here (its frequency table) and a model case (its attention layers)."""
+    assert {rope["rope_type"] for rope in TABLES} == set(ROPE_SPECS)
+    cases = {CASES[case].get("rope_parameters", {}).get("rope_type", "default") for case in CASES}
+    assert cases == set(ROPE_SPECS)

@@ -47,8 +47,8 @@ def su_reference(layer, config, hidden, positions, mask):
 
 @pytest.mark.parametrize("rope", [RE_ROPE, LEAKY], ids=["rerope", "leaky"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_attention_equals_su_formula_with_padding(rope, attn, monkeypatch):
-    monkeypatch.setattr(attention, "SCORE_BLOCK_ELEMENTS", 2 * 4 * 40 * 7)  # sdpa: blocks of 7 query rows
+def test_attention_equals_su_formula_with_padding(rope, attn, use_attention_settings):
+    use_attention_settings(score_block_elements=2 * 4 * 40 * 7)  # sdpa: blocks of 7 query rows
     model = tiny_model(attn=attn, rope_parameters=rope, num_hidden_layers=1)
     layer, config = model.model.layers[0].self_attn, model.config
     _, mask = left_padded([40, 26], 40)
@@ -65,7 +65,7 @@ def test_attention_equals_su_formula_with_padding(rope, attn, monkeypatch):
 @pytest.mark.parametrize("rope", [RE_ROPE, LEAKY], ids=["rerope", "leaky"])
 @pytest.mark.parametrize("block_rows", [1, 5, 64])
 @pytest.mark.parametrize("positions", ["from-mask", "with-gaps"])
-def test_blockwise_prefill_equals_dense_reference(rope, block_rows, positions, monkeypatch):
+def test_blockwise_prefill_equals_dense_reference(rope, block_rows, positions, monkeypatch, use_attention_settings):
     """sdpa's block-wise path (the band path when positions follow the indices, the general one when they jump)
     against eager's two dense score matrices; real tokens only (padding queries' outputs are never used)."""
     ids, mask = left_padded([150, 120, 61], 150)
@@ -74,18 +74,22 @@ def test_blockwise_prefill_equals_dense_reference(rope, block_rows, positions, m
         position_ids = position_ids + (torch.arange(150) >= 100) * 7
     dense = tiny_model(attn="eager", rope_parameters=rope)
     blocked = tiny_model(attn="sdpa", rope_parameters=rope)
-    monkeypatch.setattr(attention, "SCORE_BLOCK_ELEMENTS", 3 * 4 * 150 * block_rows)
-    paths = []
-    for name in ("rerope_band_attention", "rerope_attention"):
-        function = getattr(attention, name)
-        monkeypatch.setattr(attention, name, lambda *a, _f=function, _n=name: paths.append(_n) or _f(*a))
+    use_attention_settings(score_block_elements=3 * 4 * 150 * block_rows)
+    paths, choose = [], attention.choose_attention
+
+    def recording(*args, **kwargs):  # the path of each layer's call
+        path = choose(*args, **kwargs)
+        paths.append(path.__name__)
+        return path
+
+    monkeypatch.setattr(attention, "choose_attention", recording)
     with torch.no_grad():
         expected = dense(ids, attention_mask=mask, position_ids=position_ids).logits
         got = blocked(ids, attention_mask=mask, position_ids=position_ids).logits
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
     band = "rerope_band_attention" if positions == "from-mask" else "rerope_attention"
-    assert paths == ["rerope_attention"] * 2 + [band] * 2  # eager: dense reference; sdpa: block-wise
+    assert paths == ["rerope_dense_attention"] * 2 + [band] * 2  # eager: dense reference; sdpa: block-wise
 
 
 @pytest.mark.parametrize("rope", [RE_ROPE, LEAKY], ids=["rerope", "leaky"])
@@ -107,13 +111,12 @@ def test_cached_decoding_equals_prefill_logits(rope, attn):
 
 
 @pytest.mark.parametrize("rope", [RE_ROPE, LEAKY], ids=["rerope", "leaky"])
-def test_training_gradients_of_the_block_wise_paths_equal_the_dense_reference(rope, monkeypatch):
+def test_training_gradients_of_the_block_wise_paths_equal_the_dense_reference(rope, use_attention_settings):
     """Fine-tuning under these schemes (e.g. Su's InvLeaky recipe) backpropagates through the block-wise paths:
     the whole model's gradients under sdpa (band path) equal eager's (Su's two dense matrices). Both share
     `rerope_operands`; the formula itself, and dynamic NTK (one path on both backends), are checked against the
     written-out reference in test_references.py (`test_attention_gradients_equal_the_formula`)."""
-    monkeypatch.setattr(attention, "SCORE_BLOCK_ELEMENTS", 2 * 4 * 100 * 9)
-    monkeypatch.setattr(attention, "ROTATED_KEY_ELEMENTS", 2 * 2 * 100 * 16 * 9)
+    use_attention_settings(score_block_elements=2 * 4 * 100 * 9, rotated_key_elements=2 * 2 * 100 * 16 * 9)
     ids, mask = left_padded([100, 80], 100)
     grads = []
     for attn in ("eager", "sdpa"):
@@ -178,7 +181,7 @@ def test_blockwise_prefill_never_builds_a_length_squared_matrix(monkeypatch):
     with torch.no_grad():
         out, _ = layer(torch.randn(1, length, 16), None, AttentionMask(length, length), position_ids=positions)
     assert out.shape == (1, length, 16) and torch.isfinite(out).all()
-    assert max(largest) <= attention.SCORE_BLOCK_ELEMENTS < length * length // 16
+    assert max(largest) <= attention.DEFAULT_ATTENTION_SETTINGS.score_block_elements < length * length // 16
 
 
 def test_window_at_or_beyond_training_length_is_rejected():

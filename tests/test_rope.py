@@ -216,14 +216,14 @@ def test_dynamic_attention_uses_each_query_own_table():
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
 
 
-def test_dynamic_block_sizes_do_not_change_results(monkeypatch):
+def test_dynamic_block_sizes_do_not_change_results():
     model = tiny_model(rope_parameters=DYNAMIC)
     ids, mask = left_padded([130, 90], 130)
     with torch.no_grad():
         reference = model(ids, attention_mask=mask).logits
-        monkeypatch.setattr(attention, "ROTATED_KEY_ELEMENTS", 2 * 2 * 130 * 16 * 3)  # 3 rows per block
-        monkeypatch.setattr(attention, "SCORE_BLOCK_ELEMENTS", 2 * 4 * 130 * 5)
-        small = model(ids, attention_mask=mask).logits
+        with attention.attention_settings(rotated_key_elements=2 * 2 * 130 * 16 * 3,  # 3 rows per block
+                                          score_block_elements=2 * 4 * 130 * 5):
+            small = model(ids, attention_mask=mask).logits
     torch.testing.assert_close(small[mask.bool()], reference[mask.bool()], atol=1e-5, rtol=0)
 
 

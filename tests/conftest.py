@@ -10,6 +10,15 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny shapes and many small ops: one thread (two, on busy shared cores, mostly wait for each other: 10×)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config_kwargs(**overrides):
     """A tiny Llama-shaped architecture (GQA: 4 query heads over 2 key/value heads)."""
     kwargs = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -42,13 +42,7 @@ CASES = {
 KEYS_BEFORE_ROPE = ("rerope", "leaky", "dynamic", "rerope-logn-trained", "dynamic-logn-posthoc")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes and many small ops: one thread (two, on busy shared cores, mostly wait for each other: 10×)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny shapes, many small ops
 
 
 def sharp_model(attn, seed=0, **overrides):

@@ -32,13 +32,7 @@ LENGTHS = {"below-window": ([9, 5], 9), "above-window": ([40, 29], 40), "3x-trai
 EAGER_PATHS = ["flex-two-pass", "flex-one-pass", "cpu-flash"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small shapes and many small ops: one thread (two, on busy shared cores, mostly wait for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny shapes, many small ops
 
 
 def sharp_layer(rope, seed=0):

@@ -1,17 +1,17 @@
 """ReRoPE / Leaky ReRoPE prefill against plain RoPE on SDPA: time and peak memory at 4k, 8k, 16k tokens.
 
-ReRoPE needs two score matrices and cannot use a fused kernel (methods.md §8); longctx computes them a block of
-query rows at a time (`AttentionSettings.score_block_elements` scores per block), so memory grows linearly with
-length. Targets: memory ≤ 2×, time ≤ 2.5× plain RoPE on SDPA. The model is the decoder stack alone (no output
+ReRoPE needs two score matrices (methods.md §8). The block-wise path computes them a block of query rows at a time
+(`AttentionSettings.score_block_elements` scores per block), so memory grows linearly with length. Targets: memory
+≤ 2×, time ≤ 2.5× plain RoPE on SDPA. The model is the decoder stack alone (no output
 head, whose logits would dominate memory). Peak memory: one forward per fresh process, peak RSS above the loaded
 model. Time: default and scheme alternate in one process, best of `--repeats` each, so load from other processes
 hits both alike.
 
-`--paths` adds ReRoPE on fused kernels (`longctx.rerope_fused`, issue 17; target ≤ 1.3× time at 16k, memory linear
-in length): "fused" picks the kernel (on CPU torch's flash kernel, two passes merged by their LSEs), "flex" compiles
-flex attention (on CPU one pass over the keys laid out twice); "blockwise" is the library's block-wise path. Until
-the dispatch hook lands the benchmark routes ReRoPE's calls itself (`route`). Memory of a fused row: the peak of a
-forward after two short ones (flex compiles in those), against the default measured the same way.
+`--paths`: ReRoPE's path. "fused" is what the model takes in inference (`longctx.rerope_fused`, issue 17; target ≤
+1.3× time at 16k, memory linear in length: on CPU torch's flash kernel, two passes merged by their LSEs);
+"blockwise" the path it takes in training (`fused_rerope=False`); "flex" compiles flex attention (on CPU one pass over
+the keys laid out twice). Memory of a fused row: the peak of a forward after two short ones (flex compiles in
+those), against the default measured the same way.
 
 Usage: python -m benchmarks.bench_rerope [--lengths 4096 8192 16384] [--block-elements 4194304 ...]
                                          [--paths blockwise fused flex]
@@ -32,29 +32,22 @@ SCHEMES = {
     "rerope": {"rope_type": "rerope", "rerope_window": 512},
     "leaky-rerope": {"rope_type": "leaky-rerope", "rerope_window": 512, "factor": 16.0},
 }
-PATHS = {"blockwise": None, "fused": "auto", "flex": "flex"}  # ReRoPE's path: `rerope_fused_attention`'s backend
+PATHS = ("blockwise", "fused", "flex")  # ReRoPE's attention path
 MODULE = "benchmarks.bench_rerope"
 
 
 def route(path):
-    """Send the ReRoPE calls that `fused_rerope_supported` accepts to `rerope_fused_attention` with the path's backend,
-    as the dispatch hook will (`blockwise`: leave the library's choice)."""
-    backend = PATHS[path]
-    if backend is None:
-        return
-    import functools
+    """The `AttentionSettings` changes for ReRoPE's path: "blockwise" turns the fused path off, "fused" is the
+    library's choice (from 384 queries: the fused path), "flex" that path with `rerope_fused_attention`'s backend
+    "flex" in place of "auto" (which on CPU takes torch's flash kernel)."""
+    if path == "flex":
+        import functools
 
-    import longctx.attention as attention
-    import longctx.rerope_fused as fused
+        import longctx.attention as attention
+        import longctx.rerope_fused as fused
 
-    choose = attention.choose_attention
-
-    def choose_fused(implementation, kind, query, key, mask, *, settings, pre_rope=None):
-        if kind == "rerope" and fused.fused_rerope_supported(query, key, mask, pre_rope):
-            return functools.partial(fused.rerope_fused_path, backend=backend)
-        return choose(implementation, kind, query, key, mask, settings=settings, pre_rope=pre_rope)
-
-    attention.choose_attention = choose_fused
+        attention.rerope_fused_path = functools.partial(fused.rerope_fused_path, backend="flex")
+    return {"fused_rerope": False} if path == "blockwise" else {}
 
 
 def warm_peak_bytes(model, length):
@@ -99,9 +92,10 @@ def case(spec):
     from longctx.attention import attention_settings
 
     torch.set_num_threads(spec["threads"])
-    route(spec.get("path", "blockwise"))
-    blocks = {"score_block_elements": spec["block_elements"]} if spec["block_elements"] else {}
-    with attention_settings(**blocks):
+    changes = route(spec.get("path", "blockwise"))
+    if spec["block_elements"]:
+        changes["score_block_elements"] = spec["block_elements"]
+    with attention_settings(**changes):
         if spec["measure"] == "memory":
             model = build(spec["scheme"])
             peak = (warm_peak_bytes(model, spec["length"]) if spec.get("warm")
@@ -118,7 +112,7 @@ def main():
     parser.add_argument("--schemes", nargs="+", default=["rerope", "leaky-rerope"], choices=list(SCHEMES)[1:])
     parser.add_argument("--block-elements", type=int, nargs="+", default=[0],
                         help="AttentionSettings.score_block_elements values to sweep (0 = the library default)")
-    parser.add_argument("--paths", nargs="+", default=["blockwise"], choices=list(PATHS),
+    parser.add_argument("--paths", nargs="+", default=["blockwise", "fused"], choices=PATHS,
                         help="ReRoPE's attention paths to measure (fused, flex: longctx.rerope_fused)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)

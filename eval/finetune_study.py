@@ -114,7 +114,8 @@ def main(argv=None) -> int:
                       or config["max_position_embeddings"])
     tokens_per_step = args.batch_size * args.train_len * int(args.factor)
     small, large = args.steps
-    plan = [(v, small) for v in args.schemes] + [(v, large) for v in ("pi", "yarn") if v in args.schemes and large != small]
+    plan = [(v, small) for v in args.schemes]
+    plan += [(v, large) for v in ("pi", "yarn") if v in args.schemes and large != small]
     rows, curves = [], {}
     for variant in args.schemes:  # before fine-tuning: the same scheme applied to the base at inference only
         rows.append({"variant": variant, "steps": 0, "tokens": 0, "minutes": 0.0, "val_loss_long": None,

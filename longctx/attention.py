@@ -23,7 +23,10 @@ from .attention_common import DEFAULT_ATTENTION_SETTINGS, attention_settings  # 
 from .attention_cpu import blocked_attention, prefer_blocked
 from .cache import update_keys_after_rope, update_keys_before_rope
 from .configuration_longctx import original_max_positions
-from .rope import ROPE_SPECS, apply_rotary, compute_inv_freq, dynamic_inv_freq, rope_scheme, rotary_cos_sin, rotate_half
+from .rerope_fused import fused_rerope_supported, positions_follow_indices, rerope_fused_path, rerope_rotations
+from .rerope_fused import rerope_operands as fused_operands
+from .rope import (ROPE_SPECS, apply_rotary, compute_inv_freq, dynamic_inv_freq, rope_scheme, rotary_cos_sin, rotate,
+                   rotate_half)
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -39,16 +42,19 @@ class PreRope(NamedTuple):
 
 
 def choose_attention(implementation: str, attention: str, query, key, mask: AttentionMask, *,
-                     settings: AttentionSettings, pre_rope: PreRope | None = None):
+                     settings: AttentionSettings, pre_rope: PreRope | None = None, dropout: float = 0.0):
     """The path of one attention call; all of longctx's paths are here. `implementation`: the backend
     (`attn_implementation`); `attention`: the rope_type's `RopeSpec.attention` — "after_rope" (q and k rotated),
     "rerope" or "dynamic" (keys before RoPE, at `pre_rope`'s positions). Unknown names raise ValueError."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise _unknown_backend(implementation)
     compiling = torch.compiler.is_compiling()
-    if attention == "rerope":  # two score matrices: no fused kernel computes them (methods.md §8)
+    if attention == "rerope":  # two score matrices (methods.md §8), or two fused passes merged by their LSE
         if implementation == "eager":
             return rerope_dense_attention
+        fused = settings.prefer_fused_rerope(mask.q_len, mask.kv_len)  # (kernels: fused_rerope_supported)
+        if fused and fused_rerope_supported(query, key, mask, pre_rope, dropout):
+            return rerope_fused_path
         # compiled: the general path, as choosing the band would read the positions' values (a graph break)
         if not compiling and positions_follow_indices(pre_rope.k_pos, mask.padding_mask):
             return rerope_band_attention
@@ -106,10 +112,12 @@ def sdpa_attention(query, key, value, mask: AttentionMask, scaling, dropout=0.0,
     return path(query, key, value, mask, scaling, dropout, settings=settings)
 
 
-def _sdpa(query, key, value, scaling, dropout, attn_mask=None, is_causal=False):
-    """One call of torch's scaled_dot_product_attention, grouped-query heads in the kernel where it can."""
+def _sdpa(query, key, value, scaling, dropout, attn_mask=None, is_causal=False, settings=None):
+    """One call of torch's scaled_dot_product_attention, grouped-query heads in the kernel where it can (and
+    `AttentionSettings.sdpa_gqa` allows)."""
     n_rep = query.shape[1] // key.shape[1]
-    gqa = n_rep > 1 and _SDPA_HAS_GQA and attn_mask is None
+    allowed = (settings or active_attention_settings()).sdpa_gqa
+    gqa = n_rep > 1 and _SDPA_HAS_GQA and attn_mask is None and allowed
     if n_rep > 1 and not gqa:
         key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     out = F.scaled_dot_product_attention(
@@ -121,12 +129,12 @@ def _sdpa(query, key, value, scaling, dropout, attn_mask=None, is_causal=False):
 
 def sdpa_unmasked(query, key, value, mask: AttentionMask, scaling, dropout=0.0, *, settings=None, pre_rope=None):
     """One query seeing every key (a decoding step, nothing padded): no mask."""
-    return _sdpa(query, key, value, scaling, dropout)
+    return _sdpa(query, key, value, scaling, dropout, settings=settings)
 
 
 def sdpa_causal(query, key, value, mask: AttentionMask, scaling, dropout=0.0, *, settings=None, pre_rope=None):
-    """A prefill without padding or cache: `is_causal`, no mask."""
-    return _sdpa(query, key, value, scaling, dropout, is_causal=True)
+    """A prefill without padding or cache: `is_causal`, no mask (under context parallelism, torch's ring attention)."""
+    return _sdpa(query, key, value, scaling, dropout, is_causal=True, settings=settings)
 
 
 def sdpa_dense_mask(query, key, value, mask: AttentionMask, scaling, dropout=0.0, *, settings=None, pre_rope=None):
@@ -179,28 +187,14 @@ def flash_attention_2(query, key, value, mask: AttentionMask, scaling, dropout=0
 
 # --- Keys before RoPE: ReRoPE / Leaky ReRoPE (methods.md §8) and dynamic NTK (§10) --------------------------------
 # Both rotate the keys per query (ReRoPE by the clipped distance, dynamic NTK by the query's own table), so neither
-# fits a fused kernel, flash-attn's included: they run as explicit scores, a block of query rows at a time
-# (`blockwise_attention`), so memory grows as block × keys, never L × L. `eager` computes ReRoPE's two score matrices
-# densely, as Su's patch does: the reference the block-wise paths are tested against.
-
-def rotate(x, positions, inv_freq):
-    """x (batch, heads, seq, d) rotated to `positions` (batch, seq) by inv_freq (d/2) or per row (b, seq, d/2)."""
-    cos, sin = rotary_cos_sin(positions, inv_freq, x.dtype)
-    return apply_rotary(x, cos, sin)
-
+# fits one call of a fused kernel. In inference ReRoPE runs as two fused passes merged by their log-sum-exps
+# (`rerope_fused`, where `fused_rerope_supported`); otherwise, and dynamic NTK always, they run as explicit scores, a
+# block of query rows at a time (`blockwise_attention`), so memory grows as block × keys, never L × L. `eager`
+# computes ReRoPE's two score matrices densely, as Su's patch does: the reference the other paths are tested against.
 
 def rerope_operands(query, key, pre_rope: PreRope):
     """(q1, k1) plain RoPE; (q2, k2) ReRoPE's (R^w q, k) or Leaky's (R^{(i−w)/k+w} q, R^{j/k} k) (methods.md §8)."""
-    rope, q_pos, k_pos, inv_freq = pre_rope.config.rope_parameters, pre_rope.q_pos, pre_rope.k_pos, pre_rope.inv_freq
-    window = rope["rerope_window"]
-    q1, k1 = rotate(query, q_pos, inv_freq), rotate(key, k_pos, inv_freq)
-    if rope["rope_type"] == "rerope":
-        return q1, k1, rotate(query, torch.full_like(q_pos, window), inv_freq), key
-    if rope["rope_type"] == "leaky-rerope":
-        factor = rope["factor"]
-        q2 = rotate(query, (q_pos - window) / factor + window, inv_freq)
-        return q1, k1, q2, rotate(key, k_pos / factor, inv_freq)
-    raise ValueError(f"rope_type={rope['rope_type']!r} has no ReRoPE operands (rerope, leaky-rerope)")
+    return fused_operands(query, key, *rerope_rotations(pre_rope))
 
 
 def _rerope_blocks(query, key, value, mask, *, scaling, dropout, pre_rope, block_rows):
@@ -232,18 +226,6 @@ def rerope_attention(query, key, value, mask: AttentionMask, scaling, dropout=0.
     rows = (settings or active_attention_settings()).score_block_rows(query.shape[0], query.shape[1], key.shape[2])
     return _rerope_blocks(query, key, value, mask, scaling=scaling, dropout=dropout, pre_rope=pre_rope,
                           block_rows=rows)
-
-
-def positions_follow_indices(k_pos, padding_mask):
-    """True when every real key's position is its index minus one offset per batch row (arange, left padding, a cache
-    of those): then i − j of positions is i − j of indices, and ReRoPE's window is a band of the score matrix."""
-    offsets = k_pos - torch.arange(k_pos.shape[-1], device=k_pos.device)
-    if padding_mask is None:
-        return bool((offsets == offsets[:, :1]).all())
-    real = padding_mask.to(k_pos.device)
-    high = offsets.masked_fill(~real, torch.iinfo(offsets.dtype).min).amax(-1)
-    low = offsets.masked_fill(~real, torch.iinfo(offsets.dtype).max).amin(-1)
-    return bool(((high == low) | ~real.any(-1)).all())
 
 
 def rerope_band_attention(query, key, value, mask: AttentionMask, scaling, dropout=0.0, *, settings=None,
@@ -404,7 +386,7 @@ class LongCtxAttention(nn.Module):
         else:
             settings = active_attention_settings()
             path = choose_attention(self.config._attn_implementation or "sdpa", spec.attention, query, key, mask,
-                                    settings=settings, pre_rope=pre_rope)
+                                    settings=settings, pre_rope=pre_rope, dropout=dropout)
             out = path(query, key, value, mask, self.scaling, dropout, settings=settings, pre_rope=pre_rope)
         return self.o_proj(out.reshape(batch, q_len, -1)), weights  # out: (batch, q_len, heads, head_dim)
 

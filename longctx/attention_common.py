@@ -25,6 +25,17 @@ class AttentionSettings:
     score_block_elements: int = 2**22  # keys before RoPE: scores per query block (batch × heads × rows × keys)
     # dynamic NTK past L_train: keys rotated per query row, per block (batch × kv heads × rows × keys × head_dim)
     rotated_key_elements: int = 2**24
+    # ReRoPE / Leaky ReRoPE inference on fused kernels where `rerope_fused.fused_rerope_supported` (False: block-wise),
+    # for calls of at least [0] queries or over at least [1] keys (below both, the block-wise paths are faster)
+    fused_rerope: bool = True
+    fused_rerope_from: tuple[int, int] = (384, 4096)
+    # grouped-query heads inside SDPA (`enable_gqa`); False repeats the key/value heads first, as context-parallel
+    # training does (torch's ring attention dispatches SDPA's kernels, which take equal head counts)
+    sdpa_gqa: bool = True
+
+    def prefer_fused_rerope(self, q_len: int, kv_len: int) -> bool:
+        queries, keys = self.fused_rerope_from
+        return self.fused_rerope and (q_len >= queries or kv_len >= keys)
 
     # Query rows per block of each block-wise path, from the budgets above.
     def blocked_block_rows(self, batch: int, heads: int, kv_len: int) -> int:

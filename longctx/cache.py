@@ -13,8 +13,12 @@ An LRU layer caches only its state (batch, state_size) complex64, in the `Linear
 `DynamicCache(config=...)` builds for `layer_types[i] == "linear_attention"` (`read_lru_state`, `write_lru_state`).
 """
 
+from typing import NamedTuple
+
 import torch
 from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin, StaticLayer
+
+from .rope import KEYS_BEFORE_ROPE
 
 
 class GrowingLayer(DynamicLayer):
@@ -183,8 +187,8 @@ def update_keys_after_rope(cache, layer_idx, key, value, kv_len, scheme=None):
         layer = cache.layers[layer_idx] = GrowingLayer()  # appends in place (an emptied PreRopeLayer: plain again)
     if isinstance(layer, PreRopeLayer):
         raise ValueError(
-            f"Layer {layer_idx} of the given cache holds keys before RoPE (filled under rope_type dynamic/rerope/"
-            "leaky-rerope); this rope_type caches keys after RoPE. Start a new cache after `set_rope`.")
+            f"Layer {layer_idx} of the given cache holds keys before RoPE (filled under rope_type "
+            f"{'/'.join(KEYS_BEFORE_ROPE)}); this rope_type caches keys after RoPE. Start a new cache after `set_rope`.")
     # A compiled forward passes no scheme and neither reads nor writes the stamp (dynamo would guard on its value and
     # recompile whenever an eager prefill had stamped the layer); its keys stay under the stamp of the eager ones.
     held = getattr(layer, "longctx_scheme", None) if scheme is not None else None
@@ -210,6 +214,31 @@ def static_slots(cache):
     return None
 
 
+class CacheView(NamedTuple):
+    """Where one forward's tokens fall in the cache (`cache_view`): `past` tokens before them (an int; a tensor when
+    `fixed`), `kv_len` keys they attend to, a static cache's `slots` (else None), and `fixed`: a static cache under
+    torch.compile, attended as its whole buffer with its filled length a tensor (no int, no graph break)."""
+
+    past: object
+    kv_len: object
+    slots: int | None
+    fixed: bool
+
+
+def cache_view(cache, q_len, attn_implementation=None) -> CacheView:
+    """The `CacheView` of a forward of `q_len` tokens over `cache` (None: no cache). The compiled static view holds a
+    copy of the filled length, as the cache counts on in place when the first layer writes; flash-attn unpads by the
+    mask's last columns, so it takes the int path."""
+    if cache is None:
+        return CacheView(0, q_len, None, False)
+    slots = static_slots(cache)
+    if slots is not None and torch.compiler.is_compiling() and attn_implementation != "flash_attention_2":
+        past = _first_attention_layer(cache).get_seq_length()
+        return CacheView(past.clone() if isinstance(past, torch.Tensor) else past, slots, slots, True)
+    past = cached_length(cache)
+    return CacheView(past, past + q_len, slots, False)
+
+
 def _holds_keys(layer):
     return bool(getattr(layer, "is_initialized", True)) and int(layer.get_seq_length()) > 0
 
@@ -226,29 +255,49 @@ def _state_layer(cache, layer_idx):
 
 
 def read_lru_state(cache, layer_idx):
-    """The state (batch, state_size) complex64 after the tokens already seen, or None before the first one."""
+    """The state (batch, state_size) complex64 after the tokens already seen, or None before the first one. A cache
+    recording its past to be cropped (assisted decoding: transformers 5.25 rolls linear layers back by their per-token
+    states) is refused: the LRU keeps only its last state."""
     layer = _state_layer(cache, layer_idx)
+    if getattr(layer, "record_past", False):
+        raise ValueError(f"LRU layer {layer_idx}: this is a stateful model, whose recurrent state cannot be rolled "
+                         "back, so the cache cannot be cropped; assisted decoding (assistant_model, prompt lookup) is "
+                         "not supported. Generate without an assistant.")
     return layer.recurrent_states[0] if layer.has_previous_state[0] else None
 
 
 def write_lru_state(cache, layer_idx, state, new_tokens):
-    """Store the state after this forward (copied into a fixed buffer: constant memory) and, in an all-LRU stack
-    (no attention layer counts its keys), count the tokens. Not counted elsewhere: a compiled hybrid step would
-    otherwise be specialised on the count and recompiled."""
+    """Store the state after this forward (copied into a fixed buffer: constant memory) and count the tokens: in an
+    all-LRU stack (no attention layer counts its keys) as a Python int, and from transformers 5.25 in the layer's own
+    tensor count (`cumulative_length_linear`, what `cache.get_seq_length(i)` returns for a linear layer and generate()
+    reads for layer 0; 5.24 sent that call to the first attention layer). The tensor is added to in place, so a
+    compiled hybrid step is not specialised on the count."""
     layer = _state_layer(cache, layer_idx)
     if all(cache.is_linear):
         layer.lru_seen_tokens = (layer.lru_seen_tokens if layer.has_previous_state[0] else 0) + new_tokens
+    count = getattr(layer, "cumulative_length_linear", None)
+    if count is not None:
+        if not layer.has_previous_state[0]:
+            count.zero_()  # (a state restarting after `reset()`, which zeroes it too)
+        count.add_(new_tokens)
     cache.update_recurrent_state(state, layer_idx)
     layer.has_previous_state[0] = True  # `cache.reset()` clears it: the state then restarts from zero
 
 
+def _first_attention_layer(cache):
+    return next(layer for layer, linear in zip(cache.layers, cache.is_linear) if not linear)
+
+
 def cached_length(cache):
-    """Tokens the cache has seen: an attention layer's key count, or in an all-LRU stack the LRU token count."""
-    if not cache.layers or not all(cache.is_linear):
-        return int(cache.get_seq_length())  # the first attention layer's (a StaticLayer counts in a tensor)
+    """Tokens the cache has seen: the first attention layer's key count, or in an all-LRU stack the LRU token
+    count."""
+    if not cache.layers:
+        return 0
+    if not all(cache.is_linear):
+        return int(_first_attention_layer(cache).get_seq_length())  # (a StaticLayer counts in a tensor)
     layer = _state_layer(cache, 0)
     return layer.lru_seen_tokens if layer.has_previous_state[0] else 0
 
 
-__all__ = ["GrowingLayer", "PreRopeLayer", "cached_length", "read_lru_state", "static_slots", "update_keys_after_rope",
-           "update_keys_before_rope", "write_lru_state"]
+__all__ = ["CacheView", "GrowingLayer", "PreRopeLayer", "cache_view", "cached_length", "read_lru_state", "static_slots",
+           "update_keys_after_rope", "update_keys_before_rope", "write_lru_state"]

@@ -72,38 +72,18 @@ def from_llama(src, **config_overrides) -> LongCtxForCausalLM:
 
 # --- Llama checkpoints out (issue 17): the schemes transformers' own Llama computes exactly --------------------------
 
-# rope_types transformers computes itself (its modeling_rope_utils.ROPE_INIT_FUNCTIONS), with the keys it reads;
-# original_max_position_embeddings is written as L_train, the length longctx scales from.
-STOCK_ROPE_KEYS = {
-    "default": (),
-    "linear": ("factor",),
-    "yarn": ("factor", "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate"),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
-}
-WITH_TRAIN_LENGTH = ("yarn", "llama3")
-# rope_types expressed in another stock type: NTK-aware as a base change, Su's fixed/mixed as per-pair divisors
-REWRITTEN_ROPE_TYPES = {"ntk": "default", "ntk-fixed": "longrope", "ntk-mixed": "longrope"}
-REFUSED_ROPE_TYPES = {
-    "dynamic": "longctx's dynamic NTK gives each query at position p the table of length p + 1 over keys kept before "
-               "RoPE (exact under the KV cache); transformers' 'dynamic' uses one table per forward pass (for its "
-               "longest position, scaled from max_position_embeddings) and caches keys after RoPE, so the two differ "
-               "beyond L_train",
-    "rerope": "ReRoPE caps relative positions at the window w with a second score matrix (methods.md §8); no stock "
-              "rope type computes that",
-    "leaky-rerope": "Leaky ReRoPE remaps relative positions beyond the window w with a second score matrix "
-                    "(methods.md §8); no stock rope type computes that",
-}
-EXPORTABLE = ("rope_type in " + ", ".join([*STOCK_ROPE_KEYS, *REWRITTEN_ROPE_TYPES]) + "; logn_scaling='off'; "
+# How each rope_type is written in transformers' own (`RopeSpec.llama_export`, `stock_keys`, `export_refusal`).
+EXPORTED_ROPE_TYPES = tuple(name for name, spec in ROPE_SPECS.items() if spec.llama_export)
+EXPORTABLE = ("rope_type in " + ", ".join(EXPORTED_ROPE_TYPES) + "; logn_scaling='off'; "
               "attention blocks only; any qk_bias, attention_bias and tied_embedding_mode")
 
 
 def llama_export_problems(config) -> list[str]:
     """What of `config` has no exact counterpart in transformers' LlamaForCausalLM, one line each (empty: none)."""
     problems = []
-    rope_type = config.rope_parameters["rope_type"]
-    if rope_type not in STOCK_ROPE_KEYS and rope_type not in REWRITTEN_ROPE_TYPES:
-        reason = REFUSED_ROPE_TYPES.get(rope_type, "no rope type of transformers is known to compute it")
-        problems.append(f"rope_parameters.rope_type={rope_type!r}: {reason}")
+    spec = ROPE_SPECS[config.rope_parameters["rope_type"]]
+    if spec.llama_export is None:
+        problems.append(f"rope_parameters.rope_type={spec.name!r}: {spec.export_refusal}")
     if config.logn_scaling != "off":
         problems.append(f"logn_scaling={config.logn_scaling!r}: log-n attention scaling multiplies each query by a "
                         "length-dependent factor (methods.md §6); Llama's attention has a fixed 1/sqrt(head_dim)")
@@ -129,17 +109,18 @@ def llama_rope_parameters(config, max_position_embeddings: int) -> dict:
     b^{-2i/d} / inv_freq[i] and attention_factor 1 (methods.md §4–5)."""
     rope = config.rope_parameters
     rope_type, base, dim = rope["rope_type"], float(rope["rope_theta"]), config.head_dim
-    if rope_type in STOCK_ROPE_KEYS:
+    spec = ROPE_SPECS[rope_type]
+    if spec.llama_export == "as-is":
         stock = {"rope_type": rope_type, "rope_theta": base}
-        stock.update({key: rope[key] for key in STOCK_ROPE_KEYS[rope_type] if rope.get(key) is not None})
-        if rope_type in WITH_TRAIN_LENGTH:
+        stock.update({key: rope[key] for key in spec.stock_keys if rope.get(key) is not None})
+        if "original_max_position_embeddings" in spec.stock_keys:
             stock["original_max_position_embeddings"] = original_max_positions(config)
         return stock
-    if rope_type == "ntk":  # the same float as longctx.rope.ntk_rope's base
+    if spec.llama_export == "base-change":  # the same float as longctx.rope.ntk_rope's base
         return {"rope_type": "default", "rope_theta": base * rope["factor"] ** (dim / (dim - 2))}
-    if rope_type not in ("ntk-fixed", "ntk-mixed"):
+    if spec.llama_export != "longrope":
         raise ValueError(f"llama_rope_parameters: rope_type={rope_type!r} has no exact transformers rope type; "
-                         f"allowed: {', '.join([*STOCK_ROPE_KEYS, *REWRITTEN_ROPE_TYPES])}")
+                         f"allowed: {', '.join(EXPORTED_ROPE_TYPES)}")
     # transformers computes 1 / (divisor · b^{2i/d}) in float32: longctx's table to an ulp (a float32 reciprocal does
     # not reach every float32, so not always bit for bit)
     powers = base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)  # b^{2i/d}, as transformers has it

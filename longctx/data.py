@@ -394,7 +394,5 @@ def unigram_entropy(token_ids) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-__all__ = [
-    "CORPORA", "SPLITS", "add_copied_spans", "corpus_splits", "encode_documents", "load_documents", "load_tokenizer", "pack_windows",
-    "split_documents", "train_tokenizer", "unigram_entropy",
-]
+__all__ = ["CORPORA", "SPLITS", "add_copied_spans", "corpus_splits", "encode_documents", "load_documents",
+           "load_tokenizer", "pack_windows", "split_documents", "train_tokenizer", "unigram_entropy"]

@@ -30,7 +30,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.utils import logging
 
-from .cache import cached_length, read_lru_state, write_lru_state  # noqa: F401 (cached_length: modeling imports it)
+from .cache import read_lru_state, write_lru_state
 from .configuration_longctx import LRU_SCAN_BACKENDS
 
 logger = logging.get_logger(__name__)

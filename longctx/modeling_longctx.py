@@ -24,7 +24,7 @@ from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 from .attention import AttentionMask, LongCtxAttention, check_attn_implementation, logn_query_scale
-from .cache import cached_length, static_slots
+from .cache import CacheView, cache_view, static_slots
 from .configuration_longctx import LongCtxConfig
 from .loss import causal_lm_loss, linear_cross_entropy, token_scores
 from .lru import LongCtxLRU
@@ -187,7 +187,7 @@ class LongCtxModel(LongCtxPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, batch, kv_len, slots=None, fixed=False):
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, batch, view: CacheView):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         if input_ids is not None and input_ids.numel() and not torch.compiler.is_compiling():  # (no graph break)
@@ -196,27 +196,24 @@ class LongCtxModel(LongCtxPreTrainedModel):
                 bad = low if low < 0 else high
                 raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, "
                                  f"{self.config.vocab_size - 1}] (vocab_size={self.config.vocab_size}).")
-        if attention_mask is None or tuple(attention_mask.shape) in ((batch, kv_len), (batch, slots)):
+        if attention_mask is None or tuple(attention_mask.shape) in ((batch, view.kv_len), (batch, view.slots)):
             return
-        if fixed:  # (past + new tokens is a tensor here: a mask of that width cannot be checked, so it is refused)
+        if view.fixed:  # (past + new tokens is a tensor here: a mask of that width cannot be checked, so it is refused)
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}; a compiled forward over a StaticCache takes "
-                f"the padding mask of every cache slot, ({batch}, {slots}) = (batch, max_cache_len), 0 beyond the "
-                "tokens so far (generate() passes it so), or none.")
+                f"the padding mask of every cache slot, ({batch}, {view.slots}) = (batch, max_cache_len), 0 beyond "
+                "the tokens so far (generate() passes it so), or none.")
         raise ValueError(
             f"attention_mask has shape {tuple(attention_mask.shape)}; expected a 2D padding mask of shape "
-            f"(batch, past + new tokens) = ({batch}, {kv_len}), 1 for real tokens and 0 for padding"
-            + (f" (or, with this static cache, ({batch}, {slots}))." if slots is not None else "."))
+            f"(batch, past + new tokens) = ({batch}, {view.kv_len}), 1 for real tokens and 0 for padding"
+            + (f" (or, with this static cache, ({batch}, {view.slots}))." if view.slots is not None else "."))
 
-    @can_return_tuple
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                use_cache=None, past_key_values=None, output_attentions=None, output_hidden_states=None, **kwargs):
-        """`cache` (or its pre-5.24 name `past_key_values`): a `DynamicCache`; one is made when `use_cache`.
-        `output_hidden_states`, `output_attentions` (eager only) and `return_dict` as in transformers."""
-        cache = resolve_cache(cache, past_key_values)
+    def _cache_for_forward(self, cache, use_cache):
+        """(cache, use_cache) of this call: none while training with gradient checkpointing (the backward replays each
+        layer: it would write the cache a second time); a new `DynamicCache` when `use_cache` and none was passed."""
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            if cache is not None:  # the backward replays each layer: it would write the cache a second time
+            if cache is not None:
                 raise ValueError("A cache cannot be used with gradient checkpointing while training; pass no `cache` "
                                  "(`past_key_values`) or call `model.gradient_checkpointing_disable()`.")
             if use_cache and not torch.compiler.is_compiling():  # (dynamo cannot trace the logger)
@@ -224,50 +221,39 @@ class LongCtxModel(LongCtxPreTrainedModel):
             use_cache = False
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        shape_source = input_ids if input_ids is not None else inputs_embeds
-        batch, q_len = shape_source.shape[:2]
-        slots = static_slots(cache) if cache is not None else None
-        # a static cache, compiled: its whole buffer, its filled length a tensor (no int, no graph break) — a copy,
-        # as the cache counts on in place when the first layer writes. (flash-attn unpads by the mask's last
-        # columns: it takes the int path.)
-        fixed = (slots is not None and torch.compiler.is_compiling()
-                 and self.config._attn_implementation != "flash_attention_2")
-        if fixed:
-            past_len, kv_len = cache.get_seq_length(), slots
-            past_len = past_len.clone() if isinstance(past_len, torch.Tensor) else past_len
-        else:
-            past_len = cached_length(cache) if cache is not None else 0
-            kv_len = past_len + q_len
-        self._check_inputs(input_ids, inputs_embeds, attention_mask, batch, kv_len, slots, fixed)
+        return cache, use_cache
+
+    @can_return_tuple
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, past_key_values=None, output_attentions=None, output_hidden_states=None, **kwargs):
+        """`cache` (or its pre-5.24 name `past_key_values`): a `DynamicCache`; one is made when `use_cache`.
+        `output_hidden_states`, `output_attentions` (eager only) and `return_dict` as in transformers."""
+        cache, use_cache = self._cache_for_forward(resolve_cache(cache, past_key_values), use_cache)
+        batch, q_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        view = cache_view(cache, q_len, self.config._attn_implementation)
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, batch, view)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-
-        if fixed:  # unfilled slots are padding, whatever the mask says of them
-            filled = torch.arange(slots, device=inputs_embeds.device) < past_len + q_len
-            attention_mask = filled[None].expand(batch, -1) if attention_mask is None else (
-                attention_mask.bool() & filled)
-        elif attention_mask is not None:
-            attention_mask = attention_mask[:, :kv_len]  # a static cache's (batch, slots) mask: the filled slots
-        padding_mask = None
-        if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
-            padding_mask = attention_mask.bool()  # compiled: kept as given, as deciding would break the graph
-        mask = AttentionMask(q_len, kv_len, padding_mask, query_start=past_len if fixed else None)
+        mask = attention_mask_of(attention_mask, view, batch, q_len, inputs_embeds.device)
         if position_ids is None:
-            if padding_mask is not None:  # left padding: real tokens count from 0
-                counts = padding_mask.long().cumsum(-1) - 1
-                position_ids = counts.index_select(1, mask.query_slots(counts.device)).clamp(min=0)
-            else:
-                position_ids = mask.query_slots(inputs_embeds.device)[None].expand(batch, -1)
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
-        query_scale = logn_query_scale(self.config, position_ids, mask)
+            position_ids = default_position_ids(mask, batch, inputs_embeds.device)
+        hidden_states, all_hidden, all_weights = self._layers(inputs_embeds, mask, position_ids, cache,
+                                                              output_attentions, output_hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache if use_cache else None},
+                                       hidden_states=all_hidden, attentions=all_weights)
 
+    def _layers(self, hidden_states, mask, position_ids, cache, output_attentions, output_hidden_states):
+        """The decoder layers and the final norm: (last hidden states, hidden states or None, weights or None).
+        Hidden states in transformers' convention: the embeddings, each layer's input, and the normed last."""
         config = self.config
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_attentions = output_attentions and weights_available(config)  # else a warning, as transformers
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        hidden_states, all_hidden, all_weights = inputs_embeds, (), ()
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        query_scale = logn_query_scale(config, position_ids, mask)
+        all_hidden, all_weights = (), ()
         for layer in self.layers:
-            if output_hidden_states:  # transformers' convention: the embeddings, each layer's input ...
+            if output_hidden_states:
                 all_hidden += (hidden_states,)
             hidden_states, weights = layer(hidden_states, position_embeddings, mask, query_scale, cache,
                                            position_ids=position_ids, rotary=self.rotary_emb,
@@ -275,9 +261,32 @@ class LongCtxModel(LongCtxPreTrainedModel):
             if output_attentions:
                 all_weights += (weights,)  # None for an LRU block
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache if use_cache else None},
-                                       hidden_states=all_hidden + (hidden_states,) if output_hidden_states else None,
-                                       attentions=all_weights if output_attentions else None)  # ... and the normed last
+        return (hidden_states, all_hidden + (hidden_states,) if output_hidden_states else None,
+                all_weights if output_attentions else None)
+
+
+def attention_mask_of(attention_mask, view: CacheView, batch, q_len, device) -> AttentionMask:
+    """The `AttentionMask` of a forward: the padding mask (None when every token is real), the static view's unfilled
+    slots hidden whatever `attention_mask` says of them; a static cache's (batch, slots) mask cut to the filled
+    slots."""
+    if view.fixed:
+        filled = torch.arange(view.slots, device=device) < view.past + q_len
+        attention_mask = filled[None].expand(batch, -1) if attention_mask is None else attention_mask.bool() & filled
+    elif attention_mask is not None:
+        attention_mask = attention_mask[:, :view.kv_len]
+    padding_mask = None
+    if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
+        padding_mask = attention_mask.bool()  # compiled: kept as given, as deciding would break the graph
+    return AttentionMask(q_len, view.kv_len, padding_mask, query_start=view.past if view.fixed else None)
+
+
+def default_position_ids(mask: AttentionMask, batch, device):
+    """(batch, q_len) positions when none are passed: the slot indices, or with padding each row's real tokens
+    counted from 0 (left padding starts at 0; padding repeats its neighbour's position, clamped at 0)."""
+    if mask.padding_mask is None:
+        return mask.query_slots(device)[None].expand(batch, -1)
+    counts = mask.padding_mask.long().cumsum(-1) - 1
+    return counts.index_select(1, mask.query_slots(counts.device)).clamp(min=0)
 
 
 class LongCtxForCausalLM(LongCtxPreTrainedModel, GenerationMixin):

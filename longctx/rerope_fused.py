@@ -26,17 +26,11 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .rope import apply_rotary, rotary_cos_sin
+from .rope import rotate
 
 BLOCK_SIZE = 128  # flex attention's sparse block (query rows × keys): the kernels' default
 BAND_ROWS = 128  # query rows per band block on the CPU flash kernel (at 8k: 128 rows 0.2×, 512 rows 0.4× of SDPA)
 _COMPILE = {"fn": None, "failed": None}  # the compiled flex_attention, and why compiling it failed (then: eager)
-
-
-def rotate(x, positions, inv_freq):
-    """x (batch, heads, seq, d) rotated to `positions` (batch, seq), float for Leaky's fractional ones (§1)."""
-    cos, sin = rotary_cos_sin(positions, inv_freq, x.dtype)
-    return apply_rotary(x, cos, sin)
 
 
 def band_operands(query, key, q_pos, k_pos, inv_freq, window=None, leaky_factor=None):
@@ -240,13 +234,21 @@ def left_padded_starts(q_pos, k_pos, key_padding):
         starts = kv_len - real.sum(-1)
         if not bool((real == (index >= starts[:, None])).all()):
             return None
-    real = index >= starts[:, None]
-    offsets = k_pos - index
-    high = offsets.masked_fill(~real, torch.iinfo(offsets.dtype).min).amax(-1)
-    low = offsets.masked_fill(~real, torch.iinfo(offsets.dtype).max).amin(-1)
-    if not bool(((high == low) | ~real.any(-1)).all()) or not torch.equal(q_pos, k_pos[:, kv_len - q_pos.shape[1]:]):
+    if not positions_follow_indices(k_pos, key_padding) or not torch.equal(q_pos, k_pos[:, kv_len - q_pos.shape[1]:]):
         return None
     return starts
+
+
+def positions_follow_indices(k_pos, padding_mask):
+    """True when every real key's position is its index minus one offset per batch row (arange, left padding, a cache
+    of those): then i − j of positions is i − j of indices, and ReRoPE's window is a band of the score matrix."""
+    offsets = k_pos - torch.arange(k_pos.shape[-1], device=k_pos.device)
+    if padding_mask is None:
+        return bool((offsets == offsets[:, :1]).all())
+    real = padding_mask.to(k_pos.device, torch.bool)
+    high = offsets.masked_fill(~real, torch.iinfo(offsets.dtype).min).amax(-1)
+    low = offsets.masked_fill(~real, torch.iinfo(offsets.dtype).max).amin(-1)
+    return bool(((high == low) | ~real.any(-1)).all())
 
 
 def _cpu_flash(query, key, value, scaling, causal=False, mask=None):
@@ -267,7 +269,9 @@ def _band(q1, k1, value, starts, window, scaling, rows):
     tail = blocks * rows - q_len
 
     def windows(x):  # (b, h, s, d) -> (b, h, blocks, width, d): block r's keys start at index past + r·rows − (w − 1)
-        return F.pad(x, (0, 0, window - 1, tail))[:, :, past:].unfold(2, width, rows).transpose(-1, -2)
+        first = past - (window - 1)  # (only the keys from there are copied into the padded view: a decoding step
+        x = F.pad(x[:, :, max(0, first):], (0, 0, max(0, -first), tail))  # copies w keys, not the cache)
+        return x.unfold(2, width, rows).transpose(-1, -2)
 
     keys, values = windows(k1), windows(value)
     queries = F.pad(q1, (0, 0, 0, tail)).unflatten(2, (blocks, rows))  # (b, h, blocks, rows, d)
@@ -298,12 +302,26 @@ def _band(q1, k1, value, starts, window, scaling, rows):
     return out.flatten(2, 3)[:, :, :q_len], lse.flatten(2, 3)[:, :, :q_len]
 
 
+def _grouped_flash(query, key, value, scaling):
+    """`_cpu_flash` of grouped-query heads (heads a multiple of key heads) with no mask: each key head's queries
+    folded into its rows, so the keys are not repeated. (out, lse) (batch, heads, q, …)."""
+    batch, heads, n, d = query.shape
+    kv_heads = key.shape[1]
+    out, lse = _cpu_flash(query.reshape(batch, kv_heads, heads // kv_heads * n, d), key, value, scaling)
+    return out.reshape(batch, heads, n, -1), lse.reshape(batch, heads, n)
+
+
+def _repeat_heads(x, n_rep):
+    return x.repeat_interleave(n_rep, dim=1) if n_rep > 1 else x
+
+
 def _beyond(q2, k2, value, starts, window, scaling):
     """The keys i − j ≥ w by index: per row start s, the queries t ≥ s + w see keys [s, t − w], a causal square after
-    the keys every such query sees (bottom-right alignment; this kernel's causal mask is top-left). Rows with no such
-    key get lse −∞. (out, lse) (batch, heads, q_len, …)."""
+    the keys every such query sees (bottom-right alignment; this kernel's causal mask is top-left). Grouped-query key
+    heads are repeated for the causal square only. Rows with no such key get lse −∞. (out, lse) (batch, heads, q_len,
+    …)."""
     batch, heads, q_len, _ = q2.shape
-    kv_len = k2.shape[2]
+    kv_len, n_rep = k2.shape[2], heads // k2.shape[1]
     past = kv_len - q_len
     out = q2.new_zeros(batch, heads, q_len, value.shape[-1])
     lse = q2.new_full((batch, heads, q_len), float("-inf"), dtype=torch.float32)
@@ -318,10 +336,12 @@ def _beyond(q2, k2, value, starts, window, scaling):
         seen = n_k if n_q == 1 else n_k - n_q  # keys [start, start + seen): seen by every such query
         parts = []
         if seen:
-            parts.append(_cpu_flash(q, k2[rows, :, start:start + seen], value[rows, :, start:start + seen], scaling))
+            parts.append(_grouped_flash(q, k2[rows, :, start:start + seen], value[rows, :, start:start + seen],
+                                        scaling))
         if seen < n_k:
             keys = slice(start + seen, kv_len - window)
-            parts.append(_cpu_flash(q, k2[rows, :, keys], value[rows, :, keys], scaling, causal=True))
+            square = _repeat_heads(k2[rows, :, keys], n_rep), _repeat_heads(value[rows, :, keys], n_rep)
+            parts.append(_cpu_flash(q, *square, scaling, causal=True))
         o, l = parts[0] if len(parts) == 1 else merge_by_lse(*parts[0], *parts[1])
         out[rows, :, first - past:], lse[rows, :, first - past:] = o, l
     return out, lse
@@ -330,24 +350,21 @@ def _beyond(q2, k2, value, starts, window, scaling):
 def cpu_flash_two_pass(query, key, value, starts, scaling, *rotations, rows=None):
     """The two passes on torch's CPU flash kernel (its LSE): the band in blocks of `rows` queries, beyond the window
     one causal call per distinct row start, merged. Un-rotated query and key, `rotations` = (q_pos, k_pos, inv_freq,
-    window, leaky_factor): each pass rotates its own operands, so only one pair is alive at a time. Rows left-padded
-    from `starts`, positions following the indices (`left_padded_starts`). (batch, heads, q_len, d_v); padding
-    queries 0."""
-    window, n_rep = rotations[3], query.shape[1] // key.shape[1]  # the kernel wants one key head per query head
-
-    def heads(x):
-        return x.repeat_interleave(n_rep, dim=1) if n_rep > 1 else x
-
-    value = heads(value)
-    q1, k1 = band_operands(query, key, *rotations)
-    band = _band(q1, heads(k1), value, starts, window, scaling, rows or BAND_ROWS)
+    window, leaky_factor): each pass rotates its own operands — the band only the keys some query's window reaches
+    (a decoding step: w keys, not the cache) — so only one pair is alive at a time. Rows left-padded from `starts`,
+    positions following the indices (`left_padded_starts`). (batch, heads, q_len, d_v); padding queries 0."""
+    q_pos, k_pos, inv_freq, window, leaky_factor = rotations
+    n_rep, (q_len, kv_len) = query.shape[1] // key.shape[1], (query.shape[2], key.shape[2])
+    lo = max(0, kv_len - q_len - (window - 1))  # the band's first key: the first query's window
+    q1, k1 = band_operands(query, key[:, :, lo:], q_pos, k_pos[:, lo:], inv_freq)
+    band = _band(q1, _repeat_heads(k1, n_rep), _repeat_heads(value[:, :, lo:], n_rep), starts - lo, window, scaling,
+                 rows or BAND_ROWS)
     del q1, k1
     q2, k2 = far_operands(query, key, *rotations)
-    beyond = _beyond(q2, heads(k2), value, starts, window, scaling)
+    beyond = _beyond(q2, k2, value, starts, window, scaling)
     del q2, k2
     out, _ = merge_by_lse(*band, *beyond)
-    kv_len = key.shape[2]
-    query_real = torch.arange(kv_len - query.shape[2], kv_len, device=query.device) >= starts[:, None]
+    query_real = torch.arange(kv_len - q_len, kv_len, device=query.device) >= starts[:, None]
     return out.masked_fill_(~query_real[:, None, :, None], 0)
 
 
@@ -483,15 +500,24 @@ def rerope_fused_attention(query, key, value, q_pos, k_pos, *, inv_freq, window,
     return out.transpose(1, 2)  # (batch, q_len, heads, d_v)
 
 
+def rerope_rotations(pre_rope):
+    """(q_pos, k_pos, inv_freq, window, leaky_factor) of an `attention.PreRope` of rope_type rerope or leaky-rerope:
+    the arguments `rerope_operands` rotates by."""
+    rope = pre_rope.config.rope_parameters
+    if rope["rope_type"] not in ("rerope", "leaky-rerope"):
+        raise ValueError(f"rope_type={rope['rope_type']!r} has no ReRoPE operands (rerope, leaky-rerope)")
+    leaky_factor = rope["factor"] if rope["rope_type"] == "leaky-rerope" else None
+    return pre_rope.q_pos, pre_rope.k_pos, pre_rope.inv_freq, rope["rerope_window"], leaky_factor
+
+
 def rerope_fused_path(query, key, value, mask, scaling, dropout=0.0, *, settings=None, pre_rope=None, backend="auto"):
-    """`rerope_fused_attention` as one of `attention.choose_attention`'s paths (their signature): positions and table
-    from `pre_rope` (`attention.PreRope`), window and Leaky factor from its config's rope_parameters, padding from the
-    `AttentionMask`. (batch, q_len, heads, d_v)."""
+    """`rerope_fused_attention` as one of `attention.choose_attention`'s paths (their signature): positions, table,
+    window and Leaky factor from `pre_rope` (`rerope_rotations`), padding from the `AttentionMask`.
+    (batch, q_len, heads, d_v)."""
     if dropout:
         raise ValueError(f"dropout={dropout}: the fused ReRoPE kernels have none; `fused_rerope_supported` says when "
                          "this path applies.")
-    rope = pre_rope.config.rope_parameters
-    return rerope_fused_attention(query, key, value, pre_rope.q_pos, pre_rope.k_pos, inv_freq=pre_rope.inv_freq,
-                                  window=rope["rerope_window"], key_padding=mask.padding_mask, scaling=scaling,
-                                  leaky_factor=rope["factor"] if rope["rope_type"] == "leaky-rerope" else None,
+    q_pos, k_pos, inv_freq, window, leaky_factor = rerope_rotations(pre_rope)
+    return rerope_fused_attention(query, key, value, q_pos, k_pos, inv_freq=inv_freq, window=window,
+                                  leaky_factor=leaky_factor, key_padding=mask.padding_mask, scaling=scaling,
                                   backend=backend)

@@ -187,6 +187,11 @@ class RopeSpec:
       keys cached after RoPE, any backend), "rerope" (ReRoPE's two score matrices, methods.md §8) or "dynamic" (each
       query's own table, §10); the last two keep the keys before RoPE, in the KV cache too, and rotate them at every
       step.
+    - `llama_export`: how `longctx.convert.to_llama` writes it in transformers' own rope types — "as-is"
+      (transformers computes this rope_type, reading the `stock_keys` of `rope_parameters`;
+      original_max_position_embeddings, when listed, is written as L_train), "base-change" (NTK-aware: rope_theta
+      b·k^{d/(d−2)}, methods.md §3), "longrope" (its per-pair divisors, §4–5) — or None: refused, `export_refusal`
+      saying why.
     """
 
     name: str
@@ -196,9 +201,17 @@ class RopeSpec:
     needs_original_length: bool = False
     check: Callable | None = None
     attention: str = "after_rope"
+    llama_export: str | None = None
+    stock_keys: tuple[str, ...] = ()
+    export_refusal: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "keys", types.MappingProxyType(dict(self.keys)))  # frozen all the way down
+        if self.llama_export not in (None, "as-is", "base-change", "longrope"):
+            raise ValueError(f"RopeSpec {self.name!r}: llama_export={self.llama_export!r}; allowed: None, 'as-is', "
+                             "'base-change', 'longrope'")
+        if self.llama_export is None and not self.export_refusal:
+            raise ValueError(f"RopeSpec {self.name!r}: llama_export=None needs an export_refusal saying why")
         if set(self.keys) & COMMON_ROPE_KEYS:
             raise ValueError(f"RopeSpec {self.name!r}: keys {sorted(set(self.keys) & COMMON_ROPE_KEYS)} are common "
                              "to every rope_type (COMMON_ROPE_KEYS)")
@@ -208,22 +221,32 @@ class RopeSpec:
         return self.attention != "after_rope"
 
 
+_YARN_KEYS = {"beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": None, "mscale": None, "mscale_all_dim": None,
+              "truncate": None}  # truncate: True when absent (HF's)
 ROPE_SPECS = {spec.name: spec for spec in (
-    RopeSpec("default", default_rope),
-    RopeSpec("linear", linear_rope, needs_factor=True),
-    RopeSpec("ntk", ntk_rope, needs_factor=True),
-    RopeSpec("ntk-fixed", ntk_fixed_rope, needs_factor=True),
-    RopeSpec("ntk-mixed", ntk_mixed_rope, {"mixed_exponent": 0.625}, needs_factor=True, check=_check_ntk_mixed),
-    RopeSpec("dynamic", dynamic_rope, needs_factor=True, attention="dynamic"),
-    RopeSpec("yarn", yarn_rope, {"beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": None, "mscale": None,
-                                 "mscale_all_dim": None, "truncate": None},  # truncate: True when absent (HF's)
-             needs_factor=True, check=_check_yarn),
+    RopeSpec("default", default_rope, llama_export="as-is"),
+    RopeSpec("linear", linear_rope, needs_factor=True, llama_export="as-is", stock_keys=("factor",)),
+    RopeSpec("ntk", ntk_rope, needs_factor=True, llama_export="base-change"),
+    RopeSpec("ntk-fixed", ntk_fixed_rope, needs_factor=True, llama_export="longrope"),
+    RopeSpec("ntk-mixed", ntk_mixed_rope, {"mixed_exponent": 0.625}, needs_factor=True, check=_check_ntk_mixed,
+             llama_export="longrope"),
+    RopeSpec("dynamic", dynamic_rope, needs_factor=True, attention="dynamic", export_refusal=(
+        "longctx's dynamic NTK gives each query at position p the table of length p + 1 over keys kept before RoPE "
+        "(exact under the KV cache); transformers' 'dynamic' uses one table per forward pass (for its longest "
+        "position, scaled from max_position_embeddings) and caches keys after RoPE, so the two differ beyond "
+        "L_train")),
+    RopeSpec("yarn", yarn_rope, _YARN_KEYS, needs_factor=True, check=_check_yarn, llama_export="as-is",
+             stock_keys=("factor", *_YARN_KEYS, "original_max_position_embeddings")),
     RopeSpec("llama3", llama3_rope, {"low_freq_factor": None, "high_freq_factor": None}, needs_factor=True,
-             needs_original_length=True, check=_check_llama3),
+             needs_original_length=True, check=_check_llama3, llama_export="as-is",
+             stock_keys=("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")),
     # ReRoPE and Leaky ReRoPE keep plain frequencies; the relative-position remapping lives in the attention (§8).
-    RopeSpec("rerope", default_rope, {"rerope_window": None}, check=_check_rerope, attention="rerope"),
+    RopeSpec("rerope", default_rope, {"rerope_window": None}, check=_check_rerope, attention="rerope",
+             export_refusal="ReRoPE caps relative positions at the window w with a second score matrix (methods.md "
+                            "§8); no stock rope type computes that"),
     RopeSpec("leaky-rerope", default_rope, {"rerope_window": None}, needs_factor=True, check=_check_rerope,
-             attention="rerope"),
+             attention="rerope", export_refusal="Leaky ReRoPE remaps relative positions beyond the window w with a "
+                                                "second score matrix (methods.md §8); no stock rope type computes that"),
 )}
 # Views of ROPE_SPECS under the names transformers and earlier longctx use.
 ROPE_INIT_FUNCTIONS = {name: spec.inv_freq for name, spec in ROPE_SPECS.items()}  # as HF's ROPE_INIT_FUNCTIONS
@@ -336,6 +359,13 @@ def apply_rotary(x, cos, sin):
     if torch.compiler.is_compiling():
         return apply_rotary_reference(x, cos, sin)
     return _Rotary.apply(x, cos, sin)
+
+
+def rotate(x, positions, inv_freq):
+    """x (batch, heads, seq, d) rotated to `positions` (batch, seq) — float for Leaky ReRoPE's fractional ones (§8) —
+    by inv_freq (d/2,) or one table per position (batch, seq, d/2)."""
+    cos, sin = rotary_cos_sin(positions, inv_freq, x.dtype)
+    return apply_rotary(x, cos, sin)
 
 
 def set_rope(model, rope_parameters=None, logn_scaling=None):

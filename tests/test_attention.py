@@ -103,8 +103,14 @@ CHOICES = [  # (backend, attention, q_len, kv_len, padding, dtype, settings, pre
     ("sdpa", "after_rope", 300, 300, "holes", torch.bfloat16, {}, None, "blocked_attention"),
     ("sdpa", "after_rope", 300, 300, None, torch.bfloat16, {"blocked_queries": (512, 16384)}, None, "sdpa_causal"),
     ("eager", "rerope", 300, 300, None, torch.float32, {}, (RE_ROPE, 0), "rerope_dense_attention"),
-    ("sdpa", "rerope", 300, 300, None, torch.float32, {}, (RE_ROPE, 0), "rerope_band_attention"),
+    ("sdpa", "rerope", 400, 400, None, torch.float32, {}, (RE_ROPE, 0), "rerope_fused_path"),  # inference, long
+    ("sdpa", "rerope", 1, 4096, None, torch.float32, {}, (RE_ROPE, 0), "rerope_fused_path"),  # a step, long cache
+    ("sdpa", "rerope", 400, 400, "left", torch.float32, {}, (RE_ROPE, 0), "rerope_fused_path"),
+    ("sdpa", "rerope", 400, 400, None, torch.float32, {"fused_rerope": False}, (RE_ROPE, 0), "rerope_band_attention"),
+    ("sdpa", "rerope", 400, 400, "holes", torch.float32, {}, (RE_ROPE, 0), "rerope_band_attention"),
+    ("sdpa", "rerope", 300, 300, None, torch.float32, {}, (RE_ROPE, 0), "rerope_band_attention"),  # short
     ("sdpa", "rerope", 1, 300, None, torch.float32, {}, (RE_ROPE, 0), "rerope_band_attention"),
+    ("sdpa", "rerope", 1, 300, None, torch.float32, {"fused_rerope_from": (1, 1)}, (RE_ROPE, 0), "rerope_fused_path"),
     ("sdpa", "rerope", 300, 300, None, torch.float32, {}, (RE_ROPE, 5), "rerope_attention"),  # positions jump
     ("flash_attention_2", "rerope", 300, 300, None, torch.float32, {}, (RE_ROPE, 5), "rerope_attention"),
     ("sdpa", "dynamic", 300, 300, None, torch.float32, {}, (DYNAMIC, 0), "dynamic_attention"),  # past L_train
@@ -159,10 +165,22 @@ def test_every_path_of_a_rope_type_runs_with_the_shared_signature(kind):
     mask = AttentionMask(70, 100, left_padded([100, 77], 100)[1].bool())
     q, k, v = qkv(2, 4, 2, 70, 100)
     outputs, blocks_of_7 = [], {"score_block_elements": 2 * 4 * 100 * 7, "rotated_key_elements": 2 * 2 * 100 * 16 * 7}
-    for implementation, changes in (("eager", {}), ("sdpa", {}), ("sdpa", blocks_of_7)):
+    block_wise, fused = {"fused_rerope": False}, {"fused_rerope_from": (1, 1)}  # (fused from 384 queries by default)
+    names = []
+    for implementation, changes in (("eager", {}), ("sdpa", fused), ("sdpa", block_wise),
+                                    ("sdpa", dict(blocks_of_7, **block_wise))):
         settings = AttentionSettings(**changes)
         path = choose_attention(implementation, kind, q, k, mask, settings=settings, pre_rope=positions)
+        names.append(path_name(path))
         outputs.append(path(q, k, v, mask, 0.25, 0.0, settings=settings, pre_rope=positions))
+    if kind == "rerope":
+        assert names == ["rerope_dense_attention", "rerope_fused_path"] + ["rerope_band_attention"] * 2
+        # training keeps the block-wise paths (the fused kernels have no dropout, no gradient)
+        assert choose_attention("sdpa", kind, q, k, mask, settings=AttentionSettings(**fused), pre_rope=positions,
+                                dropout=0.1).__name__ == "rerope_band_attention"
+        q.requires_grad_(True)
+        assert choose_attention("sdpa", kind, q, k, mask, settings=AttentionSettings(**fused),
+                                pre_rope=positions).__name__ == "rerope_band_attention"
     real = mask.query_padding()
     for out in outputs[1:]:
         torch.testing.assert_close(out[real], outputs[0][real], atol=1e-5, rtol=1e-5)

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from longctx.configuration_longctx import original_max_positions
 from longctx.convert import llama_state_dict, main, to_llama
-from longctx.rope import compute_inv_freq, set_rope
+from longctx.rope import ROPE_SPECS, compute_inv_freq, set_rope
 
 ATOL = 2e-5  # float32 logits of std ~1.5 (kernel order alone differs by ~5e-6)
 NTK_MIXED = {"rope_type": "ntk-mixed", "factor": 4.0}
@@ -221,6 +221,15 @@ REFUSED = {
                      r"logn_scaling='posthoc': log-n attention scaling"),
     "lru": ({"block_types": ["attention", "lru"], "lru_state_size": 8}, r"block_types: 'lru' at layers \[1\]"),
 }
+
+
+def test_every_rope_type_is_exported_or_refused_here():
+    """A new `RopeSpec` says how it exports (`llama_export`) or why not (`export_refusal`); this file must then test
+    it: a logits-equal row in SCHEMES, or a refusal in REFUSED."""
+    tested = {overrides.get("rope_parameters", {}).get("rope_type", "default") for overrides, _ in SCHEMES.values()}
+    assert tested == {name for name, spec in ROPE_SPECS.items() if spec.llama_export}
+    assert {name for name in REFUSED if name in ROPE_SPECS} == {
+        name for name, spec in ROPE_SPECS.items() if spec.llama_export is None}
 
 
 @pytest.mark.parametrize("name", REFUSED)

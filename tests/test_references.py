@@ -80,21 +80,37 @@ def assert_layers_equal_the_formula(model, calls, positions, real):
         torch.testing.assert_close(got[real].double(), expected[real], atol=1e-5, rtol=1e-5)
 
 
-BACKENDS = {"eager": ("eager", None), "sdpa": ("sdpa", None), "sdpa-blocks-of-7": ("sdpa", 7)}
+# backend id -> (attn_implementation, settings): the defaults, ReRoPE's fused path at any length (by default from 384
+# queries or 4096 keys), and the block-wise paths of the keys-before-RoPE schemes 7 query rows at a time
+BACKENDS = {"eager": ("eager", None), "sdpa": ("sdpa", None), "sdpa-fused": ("sdpa", "fused"),
+            "sdpa-blocks-of-7": ("sdpa", 7)}
+
+
+def backend_settings(backend, use_attention_settings, batch, kv_len):
+    attn, blocks = BACKENDS[backend]
+    if blocks == "fused":
+        use_attention_settings(fused_rerope_from=(1, 1))
+    elif blocks is not None:
+        use_attention_settings(score_block_elements=batch * 4 * kv_len * blocks, fused_rerope=False,
+                               rotated_key_elements=batch * 2 * kv_len * 16 * blocks)
+    return attn
+
+
+def runs_on(case, backend):
+    """Which (case, backend) pairs the layer tests run: the fused path for ReRoPE, block-wise for keys before RoPE."""
+    rope_type = CASES[case].get("rope_parameters", {}).get("rope_type")
+    return {"sdpa-fused": rope_type in ("rerope", "leaky-rerope"),
+            "sdpa-blocks-of-7": case in KEYS_BEFORE_ROPE}.get(backend, True)
 
 
 @pytest.mark.parametrize("mode", ["prefill", "cached"])
 @pytest.mark.parametrize("case,backend", [pytest.param(case, backend, id=f"{case}-{backend}") for case in CASES
                                           for backend in BACKENDS
-                                          if backend != "sdpa-blocks-of-7" or case in KEYS_BEFORE_ROPE])
+                                          if runs_on(case, backend)])
 def test_attention_layers_equal_the_formula(case, backend, mode, use_attention_settings):
     """Left-padded batch (40 and 29 real tokens), two layers. "cached": a 15-token prompt, a 7-token chunk, then
-    one token per step through the cache. "sdpa-blocks-of-7": the block-wise paths of the schemes that keep keys
-    before RoPE, 7 query rows at a time."""
-    attn, blocks = BACKENDS[backend]
-    if blocks is not None:
-        use_attention_settings(score_block_elements=2 * 4 * 40 * blocks,
-                               rotated_key_elements=2 * 2 * 40 * 16 * blocks)
+    one token per step through the cache. `BACKENDS`: the fused ReRoPE path, the block-wise paths in blocks of 7."""
+    attn = backend_settings(backend, use_attention_settings, 2, 40)
     model = sharp_model(attn, **CASES[case])
     calls = record_attention(model)
     ids, mask = left_padded([40, 29], 40)
@@ -124,15 +140,13 @@ def test_attention_at_given_positions_with_gaps_equals_the_formula(case, attn):
     assert_layers_equal_the_formula(model, calls, positions, real)
 
 
-@pytest.mark.parametrize("case", ["rerope", "leaky", "dynamic"])
-@pytest.mark.parametrize("backend", ["eager", "sdpa", "sdpa-blocks-of-7"])
+@pytest.mark.parametrize("case,backend", [pytest.param(case, backend, id=f"{case}-{backend}")
+                                          for case in ("rerope", "leaky", "dynamic") for backend in BACKENDS
+                                          if runs_on(case, backend)])
 def test_attention_after_padding_holes_equals_the_formula(case, backend, use_attention_settings):
     """Padding inside a row (a right-padded prompt continued through the cache; a hole and left padding): the
     cached keys' positions skip the padding, and the padding keys stay hidden, in every path."""
-    attn, blocks = BACKENDS[backend]
-    if blocks is not None:
-        use_attention_settings(score_block_elements=3 * 4 * 44 * blocks,
-                               rotated_key_elements=3 * 2 * 44 * 16 * blocks)
+    attn = backend_settings(backend, use_attention_settings, 3, 44)
     model = sharp_model(attn, **CASES[case])
     calls = record_attention(model)
     ids = torch.randint(1, 128, (3, 44), generator=torch.Generator().manual_seed(3))

@@ -63,18 +63,23 @@ def test_attention_equals_su_formula_with_padding(rope, attn, use_attention_sett
 
 
 @pytest.mark.parametrize("rope", [RE_ROPE, LEAKY], ids=["rerope", "leaky"])
-@pytest.mark.parametrize("block_rows", [1, 5, 64])
+@pytest.mark.parametrize("block_rows", [1, 5, 64, None], ids=["rows-1", "rows-5", "rows-64", "fused"])
 @pytest.mark.parametrize("positions", ["from-mask", "with-gaps"])
 def test_blockwise_prefill_equals_dense_reference(rope, block_rows, positions, monkeypatch, use_attention_settings):
-    """sdpa's block-wise path (the band path when positions follow the indices, the general one when they jump)
-    against eager's two dense score matrices; real tokens only (padding queries' outputs are never used)."""
+    """sdpa's block-wise path (the band path when positions follow the indices, the general one when they jump;
+    `fused_rerope=False`) against eager's two dense score matrices; real tokens only (padding queries' outputs are
+    never used). `block_rows` None: the fused path (at any length), which takes positions that follow the
+    indices."""
     ids, mask = left_padded([150, 120, 61], 150)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     if positions == "with-gaps":  # e.g. packed or edited sequences: distances no longer follow the indices
         position_ids = position_ids + (torch.arange(150) >= 100) * 7
     dense = tiny_model(attn="eager", rope_parameters=rope)
     blocked = tiny_model(attn="sdpa", rope_parameters=rope)
-    use_attention_settings(score_block_elements=3 * 4 * 150 * block_rows)
+    if block_rows is not None:
+        use_attention_settings(score_block_elements=3 * 4 * 150 * block_rows, fused_rerope=False)
+    else:
+        use_attention_settings(fused_rerope_from=(1, 1))  # (by default from 384 queries)
     paths, choose = [], attention.choose_attention
 
     def recording(*args, **kwargs):  # the path of each layer's call
@@ -88,8 +93,8 @@ def test_blockwise_prefill_equals_dense_reference(rope, block_rows, positions, m
         got = blocked(ids, attention_mask=mask, position_ids=position_ids).logits
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
-    band = "rerope_band_attention" if positions == "from-mask" else "rerope_attention"
-    assert paths == ["rerope_dense_attention"] * 2 + [band] * 2  # eager: dense reference; sdpa: block-wise
+    band = "rerope_band_attention" if block_rows is not None else "rerope_fused_path"
+    assert paths == ["rerope_dense_attention"] * 2 + [band if positions == "from-mask" else "rerope_attention"] * 2
 
 
 @pytest.mark.parametrize("rope", [RE_ROPE, LEAKY], ids=["rerope", "leaky"])
@@ -160,8 +165,11 @@ def test_limits_reduce_to_plain_rope():
         assert not torch.allclose(tiny_model(rope_parameters=RE_ROPE)(ids).logits, plain, atol=1e-3)
 
 
-def test_blockwise_prefill_never_builds_a_length_squared_matrix(monkeypatch):
-    """16k tokens through one ReRoPE attention layer: every score block stays within the budget, far below L²."""
+@pytest.mark.parametrize("fused", [False, True], ids=["block-wise", "fused"])
+def test_blockwise_prefill_never_builds_a_length_squared_matrix(fused, monkeypatch, use_attention_settings):
+    """16k tokens through one ReRoPE attention layer: every score block stays within the budget, far below L²; on
+    the fused path (the default in inference) no score block is built at all."""
+    use_attention_settings(fused_rerope=fused)
     largest = []
     grouped_scores = attention.grouped_scores
 
@@ -181,7 +189,10 @@ def test_blockwise_prefill_never_builds_a_length_squared_matrix(monkeypatch):
     with torch.no_grad():
         out, _ = layer(torch.randn(1, length, 16), None, AttentionMask(length, length), position_ids=positions)
     assert out.shape == (1, length, 16) and torch.isfinite(out).all()
-    assert max(largest) <= attention.DEFAULT_ATTENTION_SETTINGS.score_block_elements < length * length // 16
+    if fused:
+        assert largest == []
+    else:
+        assert max(largest) <= attention.DEFAULT_ATTENTION_SETTINGS.score_block_elements < length * length // 16
 
 
 def test_window_at_or_beyond_training_length_is_rejected():

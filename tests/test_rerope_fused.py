@@ -1,11 +1,11 @@
 """ReRoPE / Leaky ReRoPE on fused kernels (issue 17 item 1; `longctx.rerope_fused`, methods.md §8).
 
 Each kernel path against `formulas.dense_attention` (every score from its own rotation matrix, float64) and against
-the block-wise path the attention layer runs today: flex attention's two passes merged by their LSEs and its one pass
+the block-wise paths (`fused_rerope=False`): flex attention's two passes merged by their LSEs and its one pass
 over the keys laid out twice (eagerly; one test compiles it), and torch's CPU flash kernel; window 12, L_train 64,
 grouped-query heads (4 over 2), left padding, explicit positions with gaps and restarts, and decoding step by step
-from keys kept before RoPE; flex's block masks pair by pair; and the whole model with the dispatch hook simulated
-(`hook_fused_path`). flash-attn's path needs CUDA and is skipped here."""
+from keys kept before RoPE; flex's block masks pair by pair; and the whole model on the path `choose_attention` picks
+for it in inference. flash-attn's path needs CUDA and is skipped here."""
 
 import functools
 import shutil
@@ -18,10 +18,9 @@ from conftest import left_padded, tiny_config_kwargs, tiny_model
 from formulas import dense_attention, frequency_table
 from torch.nn.attention.flex_attention import create_mask
 
-import longctx.attention as attention
 import longctx.rerope_fused as fused
 from longctx import LongCtxConfig
-from longctx.attention import AttentionMask, LongCtxAttention
+from longctx.attention import AttentionMask, LongCtxAttention, attention_settings
 from longctx.modeling_longctx import output_cache
 
 RE_ROPE = {"rope_type": "rerope", "rerope_window": 12}
@@ -179,28 +178,16 @@ def test_equals_the_block_wise_path_of_the_attention_layer(rope, positions_kind,
     assert_real_rows_equal(got, expected, real)
 
 
-def hook_fused_path(monkeypatch):
-    """What the dispatch hook does (see `rerope_fused_path`): ReRoPE's calls that `fused_rerope_supported` accepts
-    take the fused path, every other call the path `choose_attention` picks."""
-    choose = attention.choose_attention
-
-    def choose_with_hook(implementation, kind, query, key, mask, *, settings, pre_rope=None):
-        if kind == "rerope" and implementation != "eager" and fused.fused_rerope_supported(query, key, mask, pre_rope):
-            return fused.rerope_fused_path
-        return choose(implementation, kind, query, key, mask, settings=settings, pre_rope=pre_rope)
-
-    monkeypatch.setattr(attention, "choose_attention", choose_with_hook)
-
-
 @pytest.mark.parametrize("rope", ROPES)
-def test_the_model_through_the_hook_equals_the_block_wise_model(rope, monkeypatch):
-    """The whole model (two layers, the pre-RoPE KV cache) with the hook in the dispatch: a left-padded prefill, then
-    a cached chunk and single steps, give the logits of the block-wise paths; training calls keep those paths."""
+def test_the_model_on_the_fused_path_equals_the_block_wise_model(rope, monkeypatch, use_attention_settings):
+    """The whole model (two layers, the pre-RoPE KV cache) on `choose_attention`'s fused path (the default): a
+    left-padded prefill, then a cached chunk and single steps, give the logits of the block-wise paths
+    (`fused_rerope=False`); training calls keep those paths."""
     model = tiny_model(attn="sdpa", rope_parameters=dict(rope))
     ids, mask = left_padded([40, 27], 40)
-    with torch.no_grad():
+    with torch.no_grad(), attention_settings(fused_rerope=False):
         expected = model(ids, attention_mask=mask).logits
-    hook_fused_path(monkeypatch)
+    use_attention_settings(fused_rerope_from=(1, 1))  # (by default from 384 queries or 4096 keys)
     taken = []
     monkeypatch.setattr(fused, "rerope_fused_attention",
                         lambda *a, _f=fused.rerope_fused_attention, **k: taken.append(a[0].shape[2]) or _f(*a, **k))
@@ -314,12 +301,14 @@ def test_the_fused_path_is_offered_for_inference_where_its_kernel_is_faster():
         fused.rerope_fused_attention(query, key, key, None, None, inv_freq=None, window=4, backend="sdpa")
 
 
-def test_the_module_can_travel_in_a_checkpoint():
-    """Once attention.py imports it, `save_pretrained` copies this module into checkpoints (`trust_remote_code`):
-    transformers' import check must then ask for nothing but torch (flash-attn is imported inside a try)."""
+def test_the_module_travels_in_a_checkpoint(tmp_path):
+    """attention.py imports it, so `save_pretrained` copies this module into checkpoints (`trust_remote_code`), and
+    transformers' import check must ask for nothing but torch (flash-attn is imported inside a try)."""
     from transformers.dynamic_module_utils import get_imports
 
     assert set(get_imports(fused.__file__)) - set(sys.stdlib_module_names) == {"torch"}
+    tiny_model(rope_parameters=dict(RE_ROPE)).save_pretrained(tmp_path)
+    assert (tmp_path / "rerope_fused.py").read_text() == open(fused.__file__).read()
 
 
 def flash_attn_usable():

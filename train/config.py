@@ -93,6 +93,8 @@ class TrainConfig:
     save_every: int = _key(100, "checkpoint every N steps (and at the end)", minimum=1)
     keep_last: int = _key(2, "checkpoints kept", minimum=1)
     mixed_precision: str = _key("no", "accelerate's autocast", choices=MIXED_PRECISION)
+    context_parallel: int = _key(1, "processes each sequence is split over (accelerate's ParallelismConfig cp_size; "
+                                    "CUDA, an FSDP2 launch, SDPA; train/context_parallel.py)", minimum=1)
     seed: int = _key(0, "model init and data order", minimum=0)
     out_dir: str = _key("runs/tiny", "the run directory: config, log, tokenizer, checkpoints, final model")
     resume: bool = _key(False, "continue from the last checkpoint in out_dir")
@@ -274,9 +276,21 @@ def _check_model(config):
         from longctx import LongCtxConfig
 
         try:  # the architecture is validated by LongCtxConfig itself, with a stand-in vocabulary
-            LongCtxConfig(**model, vocab_size=max(config["vocab_size"], 300), max_position_embeddings=config["seq_len"])
+            model_config = LongCtxConfig(**model, vocab_size=max(config["vocab_size"], 300),
+                                         max_position_embeddings=config["seq_len"])
         except ValueError as err:
             raise ConfigError(f"config `model`: {err}") from err
+        check_context_parallel(config, model_config)
+
+
+def check_context_parallel(config, model_config):
+    """What context parallelism cannot split (train/context_parallel.py); with init_from, `setup` checks the loaded
+    model's config the same way."""
+    from .context_parallel import context_parallel_problems
+
+    problems = context_parallel_problems(config, model_config) if config["context_parallel"] > 1 else []
+    if problems:
+        raise ConfigError(f"config `context_parallel`={config['context_parallel']}: " + "; ".join(problems))
 
 
 def _check_lora(config):
@@ -369,5 +383,5 @@ def resolve_config(config: dict) -> dict:
     return config
 
 
-__all__ = ["DEFAULTS", "FLAGS", "PRESETS", "ConfigError", "TrainConfig", "apply_overrides", "compile_backend",
-           "config_help", "config_table", "load_preset", "parse_value", "preset_path", "resolve_config"]
+__all__ = ["DEFAULTS", "FLAGS", "PRESETS", "ConfigError", "TrainConfig", "apply_overrides", "check_context_parallel",
+           "compile_backend", "config_help", "config_table", "load_preset", "parse_value", "preset_path", "resolve_config"]

@@ -34,7 +34,8 @@ from .checkpoint import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
-from .config import ConfigError, compile_backend, extension_fields, resolve_config
+from .config import ConfigError, check_context_parallel, compile_backend, extension_fields, resolve_config
+from .context_parallel import context_parallel_step
 from .state import load_training_state
 
 # Keys that may differ when resuming (they change the schedule's length or the bookkeeping, not what a step does).
@@ -259,9 +260,10 @@ def evaluate(accelerator, model, windows, config) -> float:
 
 # --- the run ---------------------------------------------------------------------------------------------------
 
-def make_accelerator(mixed_precision: str):
+def make_accelerator(mixed_precision: str, context_parallel: int = 1):
     """accelerate's `Accelerator` as `accelerate launch` configured it (its ACCELERATE_* / FSDP_* environment), on the
-    CPU when there is no GPU.
+    CPU when there is no GPU; with `context_parallel` > 1 a `ParallelismConfig(cp_size=context_parallel)` over the
+    launch's processes (`context_parallel_accelerator`).
 
     On CPU processes accelerate (1.16) builds plain multi-process data parallelism (gloo) even under `--use_fsdp`:
     its state turns ACCELERATE_USE_FSDP into FSDP only on accelerator devices. FSDP2 (`--fsdp_version 2`) shards on
@@ -275,6 +277,8 @@ def make_accelerator(mixed_precision: str):
 
     cpu = not torch.cuda.is_available()
     fsdp = parse_flag_from_env("ACCELERATE_USE_FSDP")
+    if context_parallel > 1:
+        return context_parallel_accelerator(mixed_precision, context_parallel, cpu, fsdp)
     if cpu and fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
         raise ConfigError(f"accelerate launch --use_fsdp: FSDP version {os.environ.get('FSDP_VERSION', '1')} cannot "
                           "run on CPU processes; pass --fsdp_version 2 (or --multi_gpu for data parallelism)")
@@ -285,6 +289,30 @@ def make_accelerator(mixed_precision: str):
             plugin.set_mixed_precision(accelerator.mixed_precision)  # as accelerate's state does on GPUs
         accelerator.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     return accelerator
+
+
+def context_parallel_accelerator(mixed_precision: str, cp: int, cpu: bool, fsdp: bool):
+    """The Accelerator of a context-parallel run: FSDP2 over every process, its sequences split over groups of `cp`
+    (accelerate's mesh: data-parallel outside, cp inside, so process i is in data-parallel rank i // cp). Refused on
+    CPU processes and without an FSDP2 launch, with what to do instead."""
+    from accelerate import Accelerator
+
+    try:
+        from accelerate import ParallelismConfig
+    except ImportError as err:  # (accelerate < 1.10)
+        raise ConfigError(f"config `context_parallel`={cp} needs accelerate >= 1.10 (ParallelismConfig): "
+                          "pip install -U accelerate") from err
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cpu:
+        raise ConfigError(f"config `context_parallel`={cp} needs CUDA GPUs: torch's ring attention dispatches SDPA's "
+                          "CUDA kernels; on this machine use context_parallel: 1")
+    if not fsdp or os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ConfigError(f"config `context_parallel`={cp} needs FSDP2: launch with accelerate launch --use_fsdp "
+                          f"--fsdp_version 2 --num_processes N (N a multiple of {cp})")
+    if world % cp:
+        raise ConfigError(f"config `context_parallel`={cp} must divide the number of processes ({world})")
+    parallelism = ParallelismConfig(dp_shard_size=world // cp, cp_size=cp)
+    return Accelerator(mixed_precision=mixed_precision, parallelism_config=parallelism)
 
 
 @dataclass
@@ -314,9 +342,15 @@ class Run:
     last_checkpoint: Path | None  # named when a later step goes wrong
 
     @property
+    def data_parallel(self) -> tuple[int, int]:
+        """(this process's data-parallel rank, their number): a context-parallel group shares its sequences."""
+        cp = self.config["context_parallel"]
+        return self.accelerator.process_index // cp, self.accelerator.num_processes // cp
+
+    @property
     def per_process(self) -> int:
-        """Sequences of each step's global batch that this process computes."""
-        return self.config["batch_size"] // self.accelerator.num_processes
+        """Sequences of each step's global batch that this process computes (with context_parallel: a shard of)."""
+        return self.config["batch_size"] // self.data_parallel[1]
 
     @property
     def accumulation(self) -> int:
@@ -366,16 +400,17 @@ def setup(config) -> Run:
         splits = corpus_splits(config["corpus"], seed=config["split_seed"])
     except ValueError as err:
         raise ConfigError(str(err)) from err  # the message names the corpus and the file
-    accelerator = make_accelerator(config["mixed_precision"])
-    world = accelerator.num_processes
+    accelerator = make_accelerator(config["mixed_precision"], config["context_parallel"])
+    world = accelerator.num_processes // config["context_parallel"]  # data-parallel ranks
     if config["batch_size"] % (config["micro_batch_size"] * world):
         raise ConfigError(f"config `batch_size`={config['batch_size']} is invalid; must be divisible by "
-                          f"micro_batch_size={config['micro_batch_size']} x {world} processes")
+                          f"micro_batch_size={config['micro_batch_size']} x {world} data-parallel processes")
     out_dir = Path(config["out_dir"])
     tokenizer = model = None
     if config["init_from"] is not None:  # the source's tokenizer and model first: their errors leave out_dir alone
         tokenizer = get_tokenizer(config, splits["train"], out_dir)
         model = build_model(config, tokenizer)
+        check_context_parallel(config, model.config)
         # what the run records: the fields that changed the source, whose architecture the saved model holds
         config["model"] = extension_fields(config["model"])
     resume_from = prepare_out_dir(config, accelerator)
@@ -469,16 +504,21 @@ def train_step(run: Run) -> dict:
     """One optimizer step on the global batch of step `run.step`: accumulated micro-batches, the gradient clipped,
     a non-finite loss stopped before the update. Returns what the log records: loss, lr, grad_norm."""
     config, accelerator, model = run.config, run.accelerator, run.model
-    rank, per_process, micro_batch = accelerator.process_index, run.per_process, config["micro_batch_size"]
+    (rank, _), per_process, micro_batch = run.data_parallel, run.per_process, config["micro_batch_size"]
     rows = run.data.order.rows(run.step)[rank * per_process:(rank + 1) * per_process].tolist()
     lr = run.scheduler.get_last_lr()[0]
-    losses = []
+    losses, cp = [], config["context_parallel"]
     for micro in range(run.accumulation):
         batch = run.data.train[rows[micro * micro_batch:(micro + 1) * micro_batch]]
         sync = nullcontext() if micro == run.accumulation - 1 else accelerator.no_sync(model)
-        with sync:
-            loss = lm_loss(model, batch, accelerator.device, config["chunked_loss"])
-            accelerator.backward(loss / run.accumulation)
+        if cp > 1:  # this process's shard of each sequence (train/context_parallel.py)
+            with sync, context_parallel_step(accelerator, batch, cp) as inputs:
+                loss = model(**inputs, use_cache=False, return_dict=True, skip_logits=config["chunked_loss"]).loss
+                accelerator.backward(loss / run.accumulation)
+        else:
+            with sync:
+                loss = lm_loss(model, batch, accelerator.device, config["chunked_loss"])
+                accelerator.backward(loss / run.accumulation)
         losses.append(loss.detach().float())
     loss = float(accelerator.reduce(torch.stack(losses).mean(), "mean"))
     grad_norm = None

@@ -227,7 +227,8 @@ def to_llama(model, out_dir, tokenizer=None, max_position_embeddings=None) -> Pa
 
 
 def main(argv=None):
-    """`python -m longctx.convert to-llama SRC OUT`: a longctx model directory (and its tokenizer) to a Llama one."""
+    """`python -m longctx.convert to-llama SRC OUT` (a Llama model directory) or `to-gguf SRC OUT.gguf` (a llama.cpp
+    file): a longctx model directory and its tokenizer."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m longctx.convert", description="Convert longctx checkpoints.")
@@ -236,6 +237,10 @@ def main(argv=None):
     export.add_argument("src", help="a longctx model directory")
     export.add_argument("out", help="the Llama model directory to write")
     export.add_argument("--max-position-embeddings", type=int, default=None, help="default: serving_length")
+    gguf = commands.add_parser("to-gguf", help="write a float32 llama.cpp GGUF file (see gguf_export.to_gguf)")
+    gguf.add_argument("src", help="a longctx model directory")
+    gguf.add_argument("out", help="the .gguf file to write")
+    gguf.add_argument("--max-position-embeddings", type=int, default=None, help="default: serving_length")
     args = parser.parse_args(argv)
     from .data import TOKENIZER_FILES, load_tokenizer
 
@@ -243,12 +248,19 @@ def main(argv=None):
         parser.error(f"{args.src} is not a longctx model directory (its config.json has another model_type)")
     model = LongCtxForCausalLM.from_pretrained(args.src, dtype="auto", use_safetensors=True)
     has_tokenizer = any(os.path.exists(os.path.join(args.src, name)) for name in TOKENIZER_FILES)
+    tokenizer = load_tokenizer(args.src) if has_tokenizer else None
+    rope_type = model.config.rope_parameters["rope_type"]
     try:
-        out = to_llama(model, args.out, tokenizer=load_tokenizer(args.src) if has_tokenizer else None,
-                       max_position_embeddings=args.max_position_embeddings)
-    except ValueError as err:  # not exportable, or an out_dir that is not a model directory: one message, no traceback
+        if args.command == "to-gguf":
+            from .gguf_export import to_gguf
+
+            out = to_gguf(model, args.out, tokenizer=tokenizer, max_position_embeddings=args.max_position_embeddings)
+            print(f"wrote {out} (llama.cpp llama, float32, rope_type={rope_type!r})")
+            return
+        out = to_llama(model, args.out, tokenizer=tokenizer, max_position_embeddings=args.max_position_embeddings)
+    except (ValueError, ImportError) as err:  # not exportable, a bad destination, no gguf: one message, no traceback
         parser.error(str(err))
-    print(f"wrote {out} (LlamaForCausalLM, rope_type={model.config.rope_parameters['rope_type']!r} as "
+    print(f"wrote {out} (LlamaForCausalLM, rope_type={rope_type!r} as "
           f"{json.loads((out / 'config.json').read_text())['rope_parameters']['rope_type']!r})")
 
 

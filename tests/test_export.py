@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import tiny_config_kwargs, tiny_model
+from formulas import frequency_table
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from longctx.configuration_longctx import original_max_positions
@@ -310,3 +311,134 @@ def test_max_position_embeddings_is_the_serving_length(tmp_path):
     assert read_config(to_llama(model, tmp_path / "a"))["max_position_embeddings"] == 256
     assert read_config(to_llama(model, tmp_path / "b", max_position_embeddings=1000))["max_position_embeddings"] == 1000
     assert read_config(to_llama(tiny_model(), tmp_path / "c"))["max_position_embeddings"] == 64
+
+
+# --- GGUF out (longctx.gguf_export): llama.cpp's llama, float32 --------------------------------------------------
+GGUF_WITH_TRANSFORMERS = ["default", "ntk", "tied-plain", "tied-projection-nobias", "tied-half-swap-default"]
+GGUF_FREQS = {  # rope_freqs schemes: transformers' GGUF reader ignores the table, so it is read back and checked here
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "ntk-fixed": {"rope_type": "ntk-fixed", "factor": 4.0},
+    "ntk-mixed": NTK_MIXED,
+    "ntk-mixed-k12-e0.75": {"rope_type": "ntk-mixed", "factor": 12.0, "mixed_exponent": 0.75, "rope_theta": 500.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32},
+}
+
+
+def gguf_model(name, seed=0):
+    overrides = {"default": {}, "ntk": {"rope_parameters": {"rope_type": "ntk", "factor": 4.0}},
+                 "tied-plain": {"tie_word_embeddings": True},
+                 "tied-projection-nobias": {"tie_word_embeddings": True, "tied_embedding_mode": "projection"},
+                 "tied-half-swap-default": {"tie_word_embeddings": True, "tied_embedding_mode": "half-swap"}}
+    return spread(tiny_model(seed=seed, **overrides[name]), seed=seed)
+
+
+def load_gguf_llama(path):
+    return LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("name", GGUF_WITH_TRANSFORMERS)
+def test_gguf_loaded_by_transformers_gives_the_same_logits(name, tmp_path):
+    """transformers' GGUF reader (which reverses llama.cpp's q/k permutation) loads the file as LlamaForCausalLM: the
+    logits equal longctx's, within and beyond L_train (NTK-aware as its base change)."""
+    from longctx.gguf_export import to_gguf
+
+    model = gguf_model(name)
+    llama = load_gguf_llama(to_gguf(model, tmp_path / "model.gguf"))
+    ids = torch.randint(0, 128, (2, 150), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(llama(ids).logits, model(ids).logits, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", GGUF_FREQS)
+def test_gguf_rope_freqs_are_the_schemes_table(name, tmp_path):
+    """llama.cpp rotates pair i by freq_base^{-2i/d} / rope_freqs[i]: read back from the file, that is the scheme's
+    table written out from methods.md (`formulas.frequency_table`); the weights are checked by loading the file in
+    transformers against the model with plain RoPE (which is what transformers' reader builds from it)."""
+    import gguf
+
+    from longctx.gguf_export import to_gguf
+
+    model = spread(tiny_model(rope_parameters=dict(GGUF_FREQS[name])))
+    path = to_gguf(model, tmp_path / "model.gguf")
+    reader = gguf.GGUFReader(path)
+    factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data.astype("float64")
+    base = float(reader.fields["llama.rope.freq_base"].parts[-1][0])
+    dim = model.config.head_dim
+    table = base ** -(torch.arange(0, dim, 2, dtype=torch.float64) / dim) / torch.from_numpy(factors.copy())
+    expected = torch.tensor(frequency_table(GGUF_FREQS[name], dim, model.config.max_position_embeddings)[0],
+                            dtype=torch.float64)
+    torch.testing.assert_close(table, expected, rtol=1e-6, atol=0)
+    llama = load_gguf_llama(path)
+    set_rope(model, {"rope_type": "default", "rope_theta": model.config.rope_parameters["rope_theta"]})
+    ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(llama(ids).logits, model(ids).logits, atol=2e-5, rtol=1e-5)
+
+
+def test_gguf_refuses_what_it_cannot_hold_by_name(tmp_path):
+    from longctx.gguf_export import to_gguf
+
+    cases = {
+        "yarn": ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, r"rope_type='yarn': YaRN scales cos/sin"),
+        "rerope": ({"rope_parameters": {"rope_type": "rerope", "rerope_window": 16}},
+                   r"rope_type='rerope': ReRoPE caps relative positions"),
+        "qk_bias": ({"qk_bias": True}, r"qk_bias=True: projection biases are not written"),
+        "logn": ({"logn_scaling": "posthoc"}, r"logn_scaling='posthoc'"),
+    }
+    for overrides, message in cases.values():
+        with pytest.raises(ValueError, match=r"to_gguf: this model has no exact llama.cpp llama counterpart: .*"
+                                             + message + r".*Exportable: rope_type in default, ntk, linear"):
+            to_gguf(tiny_model(**overrides), tmp_path / "out.gguf")
+    with pytest.raises(ValueError, match=r"path=.*out.bin'; expected a file name ending in .gguf"):
+        to_gguf(tiny_model(), tmp_path / "out.bin")
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary left
+
+
+def test_gguf_holds_the_sentencepiece_vocabulary(tmp_path):
+    """A longctx tokenizer goes in as llama.cpp's "llama" vocabulary: pieces, scores and types as sentencepiece has
+    them; transformers' GGUF tokenizer reader then encodes text as the original does."""
+    import gguf
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    from longctx.data import train_tokenizer
+    from longctx.gguf_export import to_gguf
+
+    text = "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n" * 40
+    tokenizer = train_tokenizer([text], 300, tmp_path / "tok")
+    model = tiny_model(vocab_size=len(tokenizer))
+    path = to_gguf(model, tmp_path / "model.gguf", tokenizer=tokenizer)
+    reader = gguf.GGUFReader(path)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "tok" / "tokenizer.model"))
+    field = reader.fields["tokenizer.ggml.tokens"]
+    pieces = [bytes(field.parts[i]).decode() for i in field.data]
+    assert pieces == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    assert str(bytes(reader.fields["tokenizer.ggml.model"].parts[-1]), "utf-8") == "llama"
+    types = reader.fields["tokenizer.ggml.token_type"]
+    assert [int(types.parts[i][0]) for i in types.data][:4] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL,
+                                                                gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    loaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file="model.gguf")
+    sample = "Made glorious summer by this sun"
+    assert loaded(sample, add_special_tokens=False)["input_ids"] == sp.encode(sample)
+
+
+def test_gguf_cli_writes_the_model_and_its_sentencepiece_tokenizer(tmp_path, capsys):
+    """`python -m longctx.convert to-gguf SRC OUT.gguf` (main's argv) on a saved model with longctx's tokenizer; a
+    scheme it cannot hold stops in one line."""
+    from longctx.data import train_tokenizer
+
+    tokenizer = train_tokenizer(["to be, or not to be, that is the question\n" * 30], 300, tmp_path / "src")
+    model = spread(tiny_model(vocab_size=len(tokenizer), rope_parameters=dict(NTK_MIXED)))
+    model.save_pretrained(tmp_path / "src")
+    main(["to-gguf", str(tmp_path / "src"), str(tmp_path / "model.gguf")])
+    assert "llama.cpp llama, float32, rope_type='ntk-mixed'" in capsys.readouterr().out
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file="model.gguf")
+    assert loaded("that is the question", add_special_tokens=False)["input_ids"] == tokenizer.sp_model.encode(
+        "that is the question")
+    tiny_model(rope_parameters={"rope_type": "yarn", "factor": 4.0}).save_pretrained(tmp_path / "yarn")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["to-gguf", str(tmp_path / "yarn"), str(tmp_path / "yarn.gguf")])
+    assert exit_info.value.code == 2 and "rope_type='yarn': YaRN scales cos/sin" in capsys.readouterr().err

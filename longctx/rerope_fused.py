@@ -20,7 +20,6 @@ with q_len ≥ 1. Inference only (no dropout, no gradient). `rerope_fused_attent
 `fused_rerope_supported` says when to take it.
 """
 
-import importlib.util
 import warnings
 
 import torch
@@ -444,8 +443,9 @@ def fused_rerope_supported(query, key, mask=None, pre_rope=None, dropout=0.0) ->
     - CPU: torch's flash kernel, so rows whose positions follow the indices (`left_padded_starts` of `pre_rope`'s
       positions and `mask`'s padding; not under torch.compile, as that reads values). Compiled flex attention on CPU
       (any positions) runs ~1.7× default RoPE, no faster than the block-wise paths, after ~20 s of compiling.
-    - CUDA: flash-attn, or compiled flex attention (needs triton) — not once compiling it has failed (eager flex
-      builds the whole score matrix)."""
+    - CUDA: flash-attn (fp16 / bf16). Compiled flex attention is not chosen there by default: it has not been run on
+      a GPU here, and if compiling failed its eager fallback would build the whole score matrix; ask for it with
+      `rerope_fused_attention(..., backend="flex")`."""
     if dropout or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)):
         return False
     if getattr(mask, "query_start", None) is not None:
@@ -453,8 +453,8 @@ def fused_rerope_supported(query, key, mask=None, pre_rope=None, dropout=0.0) ->
     if query.device.type == "cpu":
         return (cpu_flash_available(query) and pre_rope is not None and not torch.compiler.is_compiling()
                 and left_padded_starts(pre_rope.q_pos, pre_rope.k_pos, getattr(mask, "padding_mask", None)) is not None)
-    compiled_flex = flex_available() and _COMPILE["failed"] is None and importlib.util.find_spec("triton") is not None
-    return compiled_flex or flash_attn_available(query)
+    return flash_attn_available(query) and pre_rope is not None and not torch.compiler.is_compiling() and (
+        left_padded_starts(pre_rope.q_pos, pre_rope.k_pos, getattr(mask, "padding_mask", None)) is not None)
 
 
 def rerope_fused_attention(query, key, value, q_pos, k_pos, *, inv_freq, window, leaky_factor=None,

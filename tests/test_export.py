@@ -442,3 +442,35 @@ def test_gguf_cli_writes_the_model_and_its_sentencepiece_tokenizer(tmp_path, cap
     with pytest.raises(SystemExit) as exit_info:
         main(["to-gguf", str(tmp_path / "yarn"), str(tmp_path / "yarn.gguf")])
     assert exit_info.value.code == 2 and "rope_type='yarn': YaRN scales cos/sin" in capsys.readouterr().err
+
+
+def llama_cpp_available():
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama.cpp's Python binding (llama-cpp-python) not installed")
+@pytest.mark.parametrize("rope", [{"rope_type": "default"}, {"rope_type": "ntk", "factor": 4.0},
+                                  {"rope_type": "linear", "factor": 2.0}, dict(NTK_MIXED),
+                                  {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}],
+                         ids=lambda rope: rope["rope_type"])
+def test_gguf_in_llama_cpp_gives_the_same_logits(rope, tmp_path):
+    """llama.cpp itself (llama-cpp-python, built from source; not installed by `make test`) evaluates the file: its
+    logits within and beyond L_train (64) equal longctx's, rope_freqs and the vocabulary read as llama.cpp reads them."""
+    from llama_cpp import Llama
+
+    from longctx.data import train_tokenizer
+    from longctx.gguf_export import to_gguf
+
+    tokenizer = train_tokenizer(["to be, or not to be, that is the question\n" * 30], 300, tmp_path / "tok")
+    model = spread(tiny_model(vocab_size=len(tokenizer), rope_parameters=rope), seed=2)
+    path = to_gguf(model, tmp_path / "model.gguf", tokenizer=tokenizer)
+    llm = Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=1)
+    ids = torch.randint(4, len(tokenizer), (1, 160), generator=torch.Generator().manual_seed(3))
+    llm.eval(ids[0].tolist())
+    got = torch.from_numpy(llm.scores[:160].copy())
+    with torch.no_grad():
+        expected = model(ids).logits[0]
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=1e-3)

@@ -75,6 +75,13 @@ def fused_attention(layer, config, hidden, positions, real, path, past=0):
     return layer.o_proj(out.reshape(*out.shape[:2], -1))
 
 
+def padded_inputs(lengths, width, seed):
+    """(real (batch, width) bool, positions counting each row's real tokens from 0, hidden (batch, width, 64))."""
+    _, mask = left_padded(lengths, width)
+    hidden = torch.randn(len(lengths), width, 64, generator=torch.Generator().manual_seed(seed))
+    return mask.bool(), (mask.cumsum(-1) - 1).clamp(min=0), hidden
+
+
 def eager_flex(monkeypatch):
     """Where `backend="auto"` falls back to flex attention it compiles it on CPU; these tests keep it eager (as after
     a failed compile) — one test compiles."""
@@ -120,14 +127,11 @@ def test_explicit_positions_equal_the_formula(rope, positions_kind, monkeypatch)
     documents, so later keys can sit at smaller positions than the query) — need flex attention, whose masks read
     them: "auto" falls back to it, the CPU flash kernel refuses."""
     layer, config = sharp_layer(rope)
-    _, mask = left_padded([70, 52], 70)
-    real = mask.bool()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    real, positions, hidden = padded_inputs([70, 52], 70, seed=3)
     if positions_kind == "gaps":
         positions = positions + (torch.arange(70) >= 45) * 30
     else:
         positions = torch.where(torch.arange(70) >= 50, torch.arange(70) - 50, positions)
-    hidden = torch.randn(2, 70, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = formula(layer, config, hidden, positions, real)
         for path in ("flex-two-pass", "flex-one-pass"):
@@ -161,18 +165,15 @@ def test_cached_decoding_step_by_step_equals_the_prefill(rope, path):
 @pytest.mark.parametrize("rope", ROPES)
 @pytest.mark.parametrize("positions_kind", ["from-mask", "with-gaps"])
 def test_equals_the_block_wise_path_of_the_attention_layer(rope, positions_kind, monkeypatch):
-    """The layer as it runs today (sdpa: the band path when positions follow the indices, the general block-wise one
-    when they jump) against `rerope_fused_attention` on the same projections, "auto": the CPU flash kernel, and
-    flex attention for the gaps."""
+    """The layer on its block-wise paths (`fused_rerope=False`: the band path when positions follow the indices, the
+    general one when they jump) against `rerope_fused_attention` on the same projections, "auto": the CPU flash
+    kernel, and flex attention for the gaps."""
     layer, config = sharp_layer(rope)
-    _, mask = left_padded([120, 61], 120)
-    real = mask.bool()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    real, positions, hidden = padded_inputs([120, 61], 120, seed=5)
     if positions_kind == "with-gaps":
         positions = positions + (torch.arange(120) >= 90) * 7
-    hidden = torch.randn(2, 120, 64, generator=torch.Generator().manual_seed(5))
     eager_flex(monkeypatch)
-    with torch.no_grad():
+    with torch.no_grad(), attention_settings(fused_rerope=False):
         expected, _ = layer(hidden, None, AttentionMask(120, 120, real), position_ids=positions)
         got = fused_attention(layer, config, hidden, positions, real, "auto")
     assert_real_rows_equal(got, expected, real)

@@ -55,8 +55,10 @@ def rope_freqs(config):
     base, dim = float(rope["rope_theta"]), config.head_dim
     if rope["rope_type"] == "default":
         return None, base
-    if rope["rope_type"] == "ntk":
-        return None, base * rope["factor"] ** (dim / (dim - 2))
+    if rope["rope_type"] == "ntk":  # the base change to_llama writes (`convert.llama_rope_parameters`)
+        from .convert import llama_rope_parameters
+
+        return None, llama_rope_parameters(config, config.max_position_embeddings)["rope_theta"]
     plain = base ** -(torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     return (plain / compute_inv_freq(config)[0].double()).float(), base
 

@@ -190,6 +190,10 @@ class LongCtxConfig(PreTrainedConfig):
                                                    f"from it: {layer_types}); give one of them")
         self.layer_types = layer_types
 
+    def lru_layers(self) -> list[int]:
+        """Indices of the LRU layers (`block_types`), for the messages of what cannot run them."""
+        return [i for i, block in enumerate(self.block_types) if block == "lru"]
+
     # --- validation: the one place every field is checked -------------------------------------------------------
     def validate(self):
         """transformers' class validators (run by `save_pretrained`), each looked up on this class — so ours replace

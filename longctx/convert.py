@@ -87,7 +87,7 @@ def llama_export_problems(config) -> list[str]:
     if config.logn_scaling != "off":
         problems.append(f"logn_scaling={config.logn_scaling!r}: log-n attention scaling multiplies each query by a "
                         "length-dependent factor (methods.md §6); Llama's attention has a fixed 1/sqrt(head_dim)")
-    lru = [i for i, block in enumerate(config.block_types) if block == "lru"]
+    lru = config.lru_layers()
     if lru:
         problems.append(f"block_types: 'lru' at layers {lru}: Llama has attention layers only (the LRU is a "
                         "recurrent mixer, methods.md §13)")

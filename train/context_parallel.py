@@ -38,7 +38,7 @@ def context_parallel_problems(config: dict, model_config) -> list[str]:
                 else "dynamic NTK gives each query its own table, block-wise")
         problems.append(f"model.rope_parameters.rope_type={rope_type!r}: {kind}, not as one SDPA call that ring "
                         "attention can split")
-    lru = [i for i, block in enumerate(model_config.block_types) if block == "lru"]
+    lru = model_config.lru_layers()
     if lru:
         problems.append(f"model.block_types: 'lru' at layers {lru}: an LRU carries its state along the sequence, and "
                         "context parallelism does not pass it between processes")

@@ -525,3 +525,38 @@ def test_the_finetune_study_trains_each_scheme_and_tables_it(standin, tmp_path, 
     assert finetune_study.main(argv) == 0  # finished runs are kept: nothing trains again
     out = capsys.readouterr().out
     assert " -m eval.extrapolation " in out and " -m train " not in out
+
+
+@pytest.mark.parametrize("mode", ["repeat", "random", "span"])
+def test_copy_probe_windows_reward_copying_and_the_run_logs_both_halves(standin, tmp_path, mode):
+    """`python -m eval.copy_probe` (RESULTS.md section 3): each rewritten window holds what its mode says — a
+    segment tiled to fill it, ids from the curriculum's alphabet, or one span written again later — checked against
+    the window itself; a 3-step run logs the first and second half of each held-out repeat set."""
+    import argparse
+
+    import numpy as np
+
+    from eval import copy_probe
+
+    args = argparse.Namespace(seed=0, curriculum="8:2", segment="4,8", seq_len=32, batch_size=64, fraction=1.0,
+                              mode=mode)
+    data = copy_probe.CopyWindows(np.arange(10_000) % 97 + 4, 300, args)
+    for step, alphabet in ((1, 8), (3, 296)):
+        assert data.alphabet(step) == alphabet
+        for row in data.batch(step).numpy():
+            if mode == "repeat":  # period n in 4..8: the window is its first n tokens again and again
+                assert any(np.array_equal(row, np.resize(row[:n], 32)) for n in range(4, 9))
+            elif mode == "random":
+                assert np.isin(row, data.symbols[:alphabet]).all()
+            else:  # some n-token span occurs twice, the copy at or after the source's end
+                assert any(np.array_equal(row[s:s + n], row[t:t + n]) for n in range(4, 9)
+                           for s in range(0, 33 - 2 * n) for t in range(s + n, 33 - n))
+    out = tmp_path / "probe.jsonl"
+    copy_probe.main(["--corpus", str(standin["corpus"]), "--mode", mode, "--steps", "3", "--every", "2",
+                     "--vocab-size", "300", "--seq-len", "32", "--layers", "1", "--hidden-size", "32", "--heads", "2",
+                     "--segment", "4,8", "--batch-size", "2", "--curriculum", "8:2", "--out", str(out)])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 3] and records[0]["args"]["mode"] == mode
+    for name in ("text", "uniform", "alphabet16"):
+        first, second = records[-1][f"{name} (first, second half)"]
+        assert 0 < first < 20 and 0 < second < 20

@@ -29,6 +29,8 @@ def add_common_arguments(parser: argparse.ArgumentParser):
                         help="scale factor k of pi/ntk*/yarn (default: longest length / L_train)")
     parser.add_argument("--rerope-window", type=int, default=None, help="ReRoPE window w (default: L_train / 4)")
     parser.add_argument("--leaky-factor", type=float, default=None, help="Leaky ReRoPE factor (default: 2k)")
+    parser.add_argument("--mixed-exponent", type=float, default=None,
+                        help="ntk-mixed's exponent in (0, 1] (default 0.625, Su's for his GAU; his LLaMA patch: 0.75)")
     parser.add_argument("--dynamic", default="prefill", choices=DYNAMIC_MODES,
                         help="how `dynamic` is scored: prefill = the window's length sets the scale (HF's full "
                              "forward; default), causal = each query its own length's table, as generation with "
@@ -113,7 +115,7 @@ def prepare(args, command: str) -> Session:
     train_len = _train_len(loaded.model.config)
     lengths = parse_lengths(args.lengths, train_len)
     settings = make_settings(loaded.model.config, max(lengths), args.factor, args.rerope_window, args.leaky_factor,
-                             args.dynamic)
+                             args.dynamic, args.mixed_exponent)
     variants = check_variants(args.variants or available_variants(settings), settings)
     if not args.variants and settings.native_logn == "trained":
         print("The model was pre-trained with log-n scaling: every variant uses it (Su's '-log n' rows); the '+logn' "

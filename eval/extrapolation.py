@@ -16,8 +16,6 @@ from typing import ClassVar
 
 from tqdm.auto import tqdm
 
-from longctx.rope import ROPE_SPECS
-
 from . import report, sweep
 from .cli import eval_text, make_parser, run_cli
 from .metrics import score_windows
@@ -29,7 +27,7 @@ from .texts import (
     token_stream,
     windows_for_budget,
 )
-from .variants import BASE_VARIANTS, LOGN
+from .variants import BASE_VARIANTS, LOGN, mixed_exponent
 
 DYNAMIC_PROTOCOL = {
     "prefill": "prefill: the window length l sets the scale for the whole window, as HF's full forward and YaRN's "
@@ -130,7 +128,7 @@ class Extrapolation:
             sliding["sliding"] = f"plain set, windows of L every S={self.sliding} tokens, last S predictions scored"
         return {
             "rope_theta": s.rope_theta, "rerope_window": s.rerope_window, "leaky_factor": s.leaky_factor,
-            "mixed_exponent": ROPE_SPECS["ntk-mixed"].keys["mixed_exponent"], "dynamic": DYNAMIC_PROTOCOL[s.dynamic],
+            "mixed_exponent": mixed_exponent(s), "dynamic": DYNAMIC_PROTOCOL[s.dynamic],
             "logn": logn, "lengths": session.lengths,
             "sets": {"plain": f"documents of {self.text}, joined by EOS, cut into disjoint windows (positions 0..L-1)",
                      "repeat": "each window = one segment of ceil(L/2) held-out tokens written twice, cut to L"},

@@ -23,6 +23,7 @@ from . import report, sweep
 from .cli import make_parser, run_cli
 from .metrics import token_scores
 from .texts import TextTooShort, leading_bos
+from .variants import mixed_exponent
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.")
@@ -126,6 +127,7 @@ class Passkey:
     def protocol(self, session) -> dict:
         s = session.settings
         return {"rerope_window": s.rerope_window, "leaky_factor": s.leaky_factor, "dynamic": s.dynamic,
+                "mixed_exponent": mixed_exponent(s),
                 "prompt": INTRO + " [filler]" + NEEDLE + " [filler]" + QUESTION + " {key}", "filler": FILLER,
                 "trials": self.trials, "digits": self.digits, "seed": self.seed, "depths": list(self.depths),
                 "scoring": "correct = argmax at every answer position equals the answer (greedy decoding would "

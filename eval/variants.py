@@ -46,13 +46,14 @@ class VariantSettings:
     leaky_factor: float
     native_logn: str  # the model's own logn_scaling: "off" or "trained"
     dynamic: str = "prefill"  # how `dynamic` is scored: DYNAMIC_MODES
+    mixed_exponent: float | None = None  # ntk-mixed's; None: the rope type's default (ROPE_SPECS)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
 
 def make_settings(config, max_length, factor=None, rerope_window=None, leaky_factor=None,
-                  dynamic="prefill") -> VariantSettings:
+                  dynamic="prefill", mixed_exponent=None) -> VariantSettings:
     """Settings for a model `config` evaluated up to `max_length` tokens (defaults in the module docstring)."""
     from longctx.configuration_longctx import original_max_positions
 
@@ -69,9 +70,18 @@ def make_settings(config, max_length, factor=None, rerope_window=None, leaky_fac
         raise ValueError(f"--leaky-factor={leaky} is invalid; it must be >= 1.")
     if dynamic not in DYNAMIC_MODES:
         raise ValueError(f"--dynamic={dynamic!r} is invalid; allowed: {', '.join(DYNAMIC_MODES)}.")
+    if mixed_exponent is not None and not 0 < mixed_exponent <= 1:
+        raise ValueError(f"--mixed-exponent={mixed_exponent} is invalid; it must be in (0, 1] (methods.md §5).")
     native_logn = "trained" if config.logn_scaling == "trained" else "off"  # "posthoc" is an inference switch
     return VariantSettings(train_len, float(config.rope_parameters["rope_theta"]), factor, window, leaky, native_logn,
-                           dynamic)
+                           dynamic, None if mixed_exponent is None else float(mixed_exponent))
+
+
+def mixed_exponent(settings: VariantSettings) -> float:
+    """The exponent `ntk-mixed` rows use: `--mixed-exponent`, else the rope type's default (methods.md §5)."""
+    from longctx.rope import ROPE_SPECS
+
+    return settings.mixed_exponent or ROPE_SPECS["ntk-mixed"].keys["mixed_exponent"]
 
 
 def available_variants(settings: VariantSettings) -> tuple[str, ...]:
@@ -110,6 +120,8 @@ def variant_scheme(name: str, settings: VariantSettings, length: int) -> dict:
         rope["rerope_window"] = settings.rerope_window
     if spec.needs_factor:
         rope["factor"] = settings.leaky_factor if base == "leaky-rerope" else settings.factor
+    if "mixed_exponent" in spec.keys and settings.mixed_exponent is not None:  # else the spec's default
+        rope["mixed_exponent"] = settings.mixed_exponent
     if base == "dynamic" and settings.dynamic == "prefill":
         rope.update(rope_type="ntk", factor=max(1.0, length / settings.train_len))  # the window's own scale
     elif base == "dynamic":

@@ -162,6 +162,33 @@ def test_variant_table_follows_the_documented_choices():
         "rope_type": "dynamic", "rope_theta": 10000.0, "original_max_position_embeddings": 32, "factor": 1.0}
 
 
+def test_mixed_exponent_reaches_the_ntk_mixed_rows_and_their_frequency_table():
+    """`--mixed-exponent e`: the ntk-mixed rows' table is Su's β-base mixed one with that e (methods.md §5, written
+    out here: inv_freq_i = b^(−2i/d) · exp(−a (i+1)^e), a = ln k / (d/2)^e); without it the scheme is unchanged
+    (the rope type's default 0.625, cached rows keep their keys); other variants never take it; e = 1 is NTK-fixed."""
+    from longctx.rope import compute_inv_freq
+    from eval.variants import mixed_exponent
+
+    model = tiny_model()
+    default, chosen = make_settings(model.config, 256), make_settings(model.config, 256, mixed_exponent=0.75)
+    assert "mixed_exponent" not in variant_scheme("ntk-mixed", default, 256)["rope_parameters"]
+    assert (mixed_exponent(default), mixed_exponent(chosen)) == (0.625, 0.75)
+    assert variant_scheme("ntk-fixed", chosen, 256) == variant_scheme("ntk-fixed", default, 256)
+    d, b, k = model.config.head_dim, 10000.0, 8.0
+    for e in (0.625, 0.75, 1.0):
+        settings = make_settings(model.config, 256, mixed_exponent=e)
+        set_rope(model, **variant_scheme("ntk-mixed+logn", settings, 256))
+        a = math.log(k) / (d / 2) ** e
+        expected = torch.tensor([b ** (-2 * i / d) * math.exp(-a * (i + 1) ** e) for i in range(d // 2)])
+        torch.testing.assert_close(compute_inv_freq(model.config)[0].double(), expected.double(), rtol=1e-6, atol=0)
+    fixed = make_settings(model.config, 256)
+    set_rope(model, **variant_scheme("ntk-fixed", fixed, 256))  # e = 1 is NTK-fixed: (b·k)^(−2i/d)·k^(−2/d)
+    torch.testing.assert_close(compute_inv_freq(model.config)[0].double(), expected.double(), rtol=1e-6, atol=0)
+    for bad in (0.0, -1.0, 1.5):
+        with pytest.raises(ValueError, match=rf"--mixed-exponent={bad} is invalid; it must be in \(0, 1\]"):
+            make_settings(model.config, 256, mixed_exponent=bad)
+
+
 def test_prefill_dynamic_equals_transformers_dynamic_ntk_on_a_full_forward():
     """HF's `rope_type="dynamic"` scales by the forward's own length: our `prefill` scoring must give its losses."""
     from transformers import LlamaConfig, LlamaForCausalLM

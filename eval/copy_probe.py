@@ -9,7 +9,8 @@ a 16-symbol alphabet. A model that copies scores the second half far below the f
 Windows that reward copying (`--mode`): `repeat` — a text segment of `--segment` tokens repeated to fill the window;
 `random` — the same with uniform random ids, from an alphabet that may grow along `--curriculum`
 ("16:100,64:200": 16 symbols up to step 100, then 64 up to step 200, then the whole vocabulary); `span` — one text
-span copied later in the window (as `train`'s `copy_fraction`). Writes one JSON line per evaluation to `--out`.
+span copied later in the window (`train`'s `copy_fraction`, `longctx.data.add_copied_spans`). Writes one JSON line
+per evaluation to `--out`.
 """
 
 import argparse
@@ -22,9 +23,9 @@ import numpy as np
 import torch
 
 from longctx import LongCtxConfig, LongCtxForCausalLM
-from longctx.data import corpus_splits, encode_documents, train_tokenizer
+from longctx.data import _copy_spans, corpus_splits, encode_documents, train_tokenizer
 
-FIRST_ID = 4  # after <unk>, <s>, </s>, <pad>
+FIRST_ID, EOS_ID = 4, 2  # ids: <unk>=0, <s>=1, </s>=2, <pad>=3 (longctx.data.train_tokenizer)
 
 
 def token_stream(tokenizer, documents) -> np.ndarray:
@@ -57,18 +58,18 @@ class CopyWindows:
     def batch(self, step) -> torch.Tensor:
         a, rng, length = self.args, self.rng, self.args.seq_len
         x = np.stack([self.stream[s:s + length] for s in rng.integers(0, len(self.stream) - length, a.batch_size)])
+        if a.mode == "span":  # exactly `train`'s copy_fraction augmentation, seeded by window number
+            indices = range(step * a.batch_size, (step + 1) * a.batch_size)
+            x = _copy_spans({"input_ids": x}, indices, a.fraction, self.segment, a.seed, EOS_ID, None)["input_ids"]
+            return torch.from_numpy(x)
         for row in x:
             if rng.random() >= a.fraction:
                 continue
             n = int(rng.integers(self.segment[0], self.segment[1] + 1))
             if a.mode == "repeat":
                 row[:] = np.resize(row[:n].copy(), length)
-            elif a.mode == "random":
+            else:  # random
                 row[:] = np.resize(self.symbols[rng.integers(0, self.alphabet(step), n)], length)
-            else:  # span
-                source = int(rng.integers(0, length - 2 * n + 1))
-                target = int(rng.integers(source + n, length - n + 1))
-                row[target:target + n] = row[source:source + n]
         return torch.from_numpy(x)
 
 

@@ -531,7 +531,8 @@ def test_reports_are_written_atomically_with_the_permissions_open_gives(tmp_path
 
 def test_the_finetune_study_trains_each_scheme_and_tables_it(standin, tmp_path, capsys):
     """`python -m eval.finetune_study` end to end on the stand-in: each scheme one fine-tuning run at k × L_train
-    (k = 8: the passkey prompt needs 239 tokens), its own `python -m train` command), the base scored before, the table, curves and files written."""
+    (k = 8: the passkey prompt needs 239 tokens), its own `python -m train` command), the base scored before, the
+    table, curves and files written."""
     from eval import finetune_study
 
     out, runs = tmp_path / "results", tmp_path / "runs"
@@ -543,7 +544,8 @@ def test_the_finetune_study_trains_each_scheme_and_tables_it(standin, tmp_path, 
     assert [(r["variant"], r["steps"]) for r in study["rows"]] == [("yarn", 0), ("yarn", 2)]
     for row in study["rows"]:
         assert row["ppl_plain_1x"] > 1 and row["ppl_repeat_kx"] > 1 and 0 <= row["passkey_kx"] <= 1
-        assert (row["tokens"] == row["steps"] * 2 * 8 * TRAIN_LEN) and (row["val_loss_long"] is None) == (row["steps"] == 0)
+        assert row["tokens"] == row["steps"] * 2 * 8 * TRAIN_LEN
+        assert (row["val_loss_long"] is None) == (row["steps"] == 0)
     config = json.loads((runs / "yarn-2" / "model" / "config.json").read_text())
     assert config["rope_parameters"]["rope_type"] == "yarn" and config["rope_parameters"]["factor"] == 8
     assert config["rope_parameters"]["original_max_position_embeddings"] == TRAIN_LEN

@@ -24,8 +24,11 @@ import torch
 
 from longctx import LongCtxConfig, LongCtxForCausalLM
 from longctx.data import _copy_spans, corpus_splits, encode_documents, train_tokenizer
+from train.loop import param_groups
 
-FIRST_ID, EOS_ID = 4, 2  # ids: <unk>=0, <s>=1, </s>=2, <pad>=3 (longctx.data.train_tokenizer)
+from .metrics import token_scores
+
+FIRST_ID = 4  # after <unk>, <s>, </s>, <pad> (longctx.data.train_tokenizer)
 
 
 def token_stream(tokenizer, documents) -> np.ndarray:
@@ -45,8 +48,8 @@ def parse_curriculum(text: str) -> list[tuple[int, int]]:
 class CopyWindows:
     """Training batches: text windows, a `fraction` of them rewritten to reward copying (`mode`)."""
 
-    def __init__(self, stream, vocab, args):
-        self.stream, self.args = stream, args
+    def __init__(self, stream, vocab, eos_id, args):
+        self.stream, self.eos_id, self.args = stream, eos_id, args
         self.rng = np.random.default_rng(args.seed)
         self.symbols = np.random.default_rng(7).permutation(np.arange(FIRST_ID, vocab))  # alphabet order
         self.curriculum = parse_curriculum(args.curriculum)
@@ -60,7 +63,7 @@ class CopyWindows:
         x = np.stack([self.stream[s:s + length] for s in rng.integers(0, len(self.stream) - length, a.batch_size)])
         if a.mode == "span":  # exactly `train`'s copy_fraction augmentation, seeded by window number
             indices = range(step * a.batch_size, (step + 1) * a.batch_size)
-            x = _copy_spans({"input_ids": x}, indices, a.fraction, self.segment, a.seed, EOS_ID, None)["input_ids"]
+            x = _copy_spans({"input_ids": x}, indices, a.fraction, self.segment, a.seed, self.eos_id, None)["input_ids"]
             return torch.from_numpy(x)
         for row in x:
             if rng.random() >= a.fraction:
@@ -86,8 +89,7 @@ def repeat_sets(stream, symbols, length, count=32, seed=123) -> dict[str, torch.
 @torch.no_grad()
 def halves(model, windows) -> tuple[float, float]:
     """Mean loss predicting the first half's tokens and the second half's."""
-    logits = model(windows).logits[:, :-1].float()
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none")
+    nll, _ = token_scores(model, windows)  # (batch, L − 1): predicting token t + 1
     half = windows.shape[1] // 2
     return round(float(nll[:, :half - 1].mean()), 3), round(float(nll[:, half:].mean()), 3)
 
@@ -123,11 +125,8 @@ def main(argv=None):
                            intermediate_size=int(args.hidden_size * 2.75), num_hidden_layers=args.layers,
                            num_attention_heads=args.heads, max_position_embeddings=args.seq_len)
     model = LongCtxForCausalLM(config)
-    matrices = [w for w in model.parameters() if w.dim() >= 2]
-    vectors = [w for w in model.parameters() if w.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": args.weight_decay},
-                                   {"params": vectors, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-    data = CopyWindows(train, len(tokenizer), args)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    data = CopyWindows(train, len(tokenizer), tokenizer.eos_token_id, args)
     held = repeat_sets(held_out, data.symbols, args.seq_len)
     start = time.time()
     with open(args.out, "a") as out:

@@ -569,7 +569,7 @@ def test_copy_probe_windows_reward_copying_and_the_run_logs_both_halves(standin,
 
     args = argparse.Namespace(seed=0, curriculum="8:2", segment="4,8", seq_len=32, batch_size=64, fraction=1.0,
                               mode=mode)
-    data = copy_probe.CopyWindows(np.arange(10_000) % 97 + 4, 300, args)
+    data = copy_probe.CopyWindows(np.arange(10_000) % 97 + 4, 300, 2, args)
     for step, alphabet in ((1, 8), (3, 296)):
         assert data.alphabet(step) == alphabet
         for row in data.batch(step).numpy():

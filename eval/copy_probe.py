@@ -86,10 +86,27 @@ def repeat_sets(stream, symbols, length, count=32, seed=123) -> dict[str, torch.
             (("text", text), ("uniform", uniform), ("alphabet16", small))}
 
 
+def build_model(args, vocab_size: int):
+    """The probe's model: `LongCtxForCausalLM`, or transformers' own `LlamaForCausalLM` of the same shape (the same
+    architecture written by others: a result both reproduce belongs to the task, not to longctx's code)."""
+    shape = dict(vocab_size=vocab_size, hidden_size=args.hidden_size, intermediate_size=int(args.hidden_size * 2.75),
+                 num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                 max_position_embeddings=args.seq_len, tie_word_embeddings=args.tie_word_embeddings)
+    if args.implementation == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM(LlamaConfig(**shape, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
+    return LongCtxForCausalLM(LongCtxConfig(**shape))
+
+
 @torch.no_grad()
 def halves(model, windows) -> tuple[float, float]:
     """Mean loss predicting the first half's tokens and the second half's."""
-    nll, _ = token_scores(model, windows)  # (batch, L − 1): predicting token t + 1
+    if isinstance(model, LongCtxForCausalLM):
+        nll, _ = token_scores(model, windows)  # (batch, L − 1): predicting token t + 1
+    else:
+        logits = model(windows).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none")
     half = windows.shape[1] // 2
     return round(float(nll[:, :half - 1].mean()), 3), round(float(nll[:, half:].mean()), 3)
 
@@ -108,6 +125,9 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--implementation", default="longctx", choices=["longctx", "llama"],
+                   help="longctx's model, or transformers' LlamaForCausalLM of the same shape (an independent check)")
+    p.add_argument("--tie-word-embeddings", action="store_true", help="one matrix for the input and output embedding")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
@@ -121,10 +141,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as directory:
         tokenizer = train_tokenizer(splits["train"], args.vocab_size, directory, seed=args.seed)
     train, held_out = token_stream(tokenizer, splits["train"]), token_stream(tokenizer, splits["validation"])
-    config = LongCtxConfig(vocab_size=len(tokenizer), hidden_size=args.hidden_size,
-                           intermediate_size=int(args.hidden_size * 2.75), num_hidden_layers=args.layers,
-                           num_attention_heads=args.heads, max_position_embeddings=args.seq_len)
-    model = LongCtxForCausalLM(config)
+    model = build_model(args, len(tokenizer))
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     data = CopyWindows(train, len(tokenizer), tokenizer.eos_token_id, args)
     held = repeat_sets(held_out, data.symbols, args.seq_len)

@@ -589,3 +589,31 @@ def test_copy_probe_windows_reward_copying_and_the_run_logs_both_halves(standin,
     for name in ("text", "uniform", "alphabet16"):
         first, second = records[-1][f"{name} (first, second half)"]
         assert 0 < first < 20 and 0 < second < 20
+
+
+def test_copy_probe_runs_transformers_llama_of_the_same_shape(standin, tmp_path):
+    """`--implementation llama`: transformers' own LlamaForCausalLM, the independent check of RESULTS.md section 3,
+    has exactly longctx's parameter shapes (so the two runs compare the code, not the size), its halves are the
+    cross-entropy of its logits, and the run logs them."""
+    import argparse
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from eval import copy_probe
+    from longctx import LongCtxForCausalLM
+
+    args = argparse.Namespace(hidden_size=32, layers=2, heads=2, seq_len=32, tie_word_embeddings=True)
+    ours = copy_probe.build_model(argparse.Namespace(**vars(args), implementation="longctx"), 300)
+    llama = copy_probe.build_model(argparse.Namespace(**vars(args), implementation="llama"), 300)
+    assert isinstance(ours, LongCtxForCausalLM) and isinstance(llama, LlamaForCausalLM)
+    assert {n: p.shape for n, p in ours.named_parameters()} == {n: p.shape for n, p in llama.named_parameters()}
+    llama.load_state_dict(ours.state_dict())  # the same weights: both halves agree with longctx's scoring
+    windows = torch.randint(4, 300, (3, 32))
+    assert copy_probe.halves(llama, windows) == pytest.approx(copy_probe.halves(ours, windows), abs=2e-3)
+    out = tmp_path / "probe.jsonl"
+    copy_probe.main(["--corpus", str(standin["corpus"]), "--implementation", "llama", "--tie-word-embeddings",
+                     "--steps", "2", "--every", "2", "--vocab-size", "300", "--seq-len", "32", "--layers", "1",
+                     "--hidden-size", "32", "--heads", "2", "--segment", "4,8", "--batch-size", "2", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert record["args"]["implementation"] == "llama" and record["args"]["tie_word_embeddings"] is True

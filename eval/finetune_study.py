@@ -8,6 +8,7 @@ perplexity at k × with fewer tokens than PI). Every run is one printed `python 
 and the untuned base is scored with the same variants for the "before" rows. The validation loss at k × L_train
 that training logs every few steps gives the curves against tokens. Writes OUT/study.{md,csv,json,png}.
 Finished runs and rows are kept: the same command resumes (train's own checkpoints, eval's row cache).
+`--seed N` repeats the fine-tuning runs with another order of windows, beside seed 0's (`...-seedN`), for the spread.
 """
 
 import argparse
@@ -34,6 +35,7 @@ def train_command(base, variant, steps, args, out_dir) -> list[str]:
             "--lr", str(args.lr), "--min-lr", str(args.lr / 10), "--warmup-steps", str(max(1, steps // 10)),
             "--eval-every", str(max(1, steps // 8)), "--eval-windows", "16", "--save-every", str(steps),
             "--model.rope_parameters", json.dumps(rope), "--out-dir", str(out_dir), "--progress", "false",
+            "--seed", str(args.seed),
             *(["--corpus", args.corpus] if args.corpus else [])]
 
 
@@ -99,6 +101,9 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--trials", type=int, default=4, help="passkey keys per depth")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="train's seed: the order of the fine-tuning windows (not 0: runs, rows and study files "
+                             "are named ...-seedN, beside seed 0's)")
     parser.add_argument("--runs", default="runs/finetune", type=Path, help="training runs go here")
     parser.add_argument("--out", default="results/finetune", type=Path, help="results go here")
     return parser.parse_args(argv)
@@ -116,30 +121,33 @@ def main(argv=None) -> int:
     small, large = args.steps
     plan = [(v, small) for v in args.schemes]
     plan += [(v, large) for v in ("pi", "yarn") if v in args.schemes and large != small]
+    tag = f"-seed{args.seed}" if args.seed else ""  # seed 0 keeps the names it always had
     rows, curves = [], {}
     for variant in args.schemes:  # before fine-tuning: the same scheme applied to the base at inference only
         rows.append({"variant": variant, "steps": 0, "tokens": 0, "minutes": 0.0, "val_loss_long": None,
                      **score(base, variant, f"base-{variant}", args)})
     for variant, steps in plan:
-        run_dir = args.runs / f"{variant}-{steps}"
-        minutes = 0.0
+        run_dir = args.runs / f"{variant}-{steps}{tag}"
         if not (run_dir / "model" / "config.json").is_file():
-            minutes = run(train_command(base, variant, steps, args, run_dir))
+            report.write_json(run_dir / "minutes.json", {"minutes": run(train_command(base, variant, steps, args,
+                                                                                        run_dir))})
+        recorded = run_dir / "minutes.json"  # a resumed study keeps the wall time of the run it did not repeat
+        minutes = json.loads(recorded.read_text())["minutes"] if recorded.is_file() else None
         tokens, losses = curve(run_dir, tokens_per_step)
         curves[f"{variant}, {steps} steps"] = (tokens, losses)
         rows.append({"variant": variant, "steps": steps, "tokens": steps * tokens_per_step,
-                     "minutes": round(minutes, 2), "val_loss_long": losses[-1] if losses else None,
-                     **score(run_dir / "model", variant, f"{variant}-{steps}", args)})
+                     "minutes": None if minutes is None else round(minutes, 2), "val_loss_long": losses[-1] if losses else None,
+                     **score(run_dir / "model", variant, f"{variant}-{steps}{tag}", args)})
     args.out.mkdir(parents=True, exist_ok=True)
-    report.write_csv(args.out / "study.csv", rows, COLUMNS)
-    report.write_json(args.out / "study.json", {"base": str(base), "factor": args.factor, "rows": rows,
+    report.write_csv(args.out / f"study{tag}.csv", rows, COLUMNS)
+    report.write_json(args.out / f"study{tag}.json", {"base": str(base), "factor": args.factor, "rows": rows,
                                                 "curves": {k: {"tokens": t, "val_loss": v}
                                                            for k, (t, v) in curves.items()}})
     body = [[r[c] for c in COLUMNS] for r in rows]
-    report.atomic_write(args.out / "study.md", report.markdown_table(COLUMNS, body) + "\n")
-    plot(curves, args.out / "study.png", args.factor)
+    report.atomic_write(args.out / f"study{tag}.md", report.markdown_table(COLUMNS, body) + "\n")
+    plot(curves, args.out / f"study{tag}.png", args.factor)
     print(report.text_table(COLUMNS, body))
-    print(f"wrote {args.out}/study.{{md,csv,json,png}}")
+    print(f"wrote {args.out}/study{tag}.{{md,csv,json,png}}")
     return 0
 
 

@@ -552,8 +552,14 @@ def test_the_finetune_study_trains_each_scheme_and_tables_it(standin, tmp_path, 
     assert (out / "study.png").stat().st_size > 0 and "| yarn | 2 |" in (out / "study.md").read_text()
     capsys.readouterr()
     assert finetune_study.main(argv) == 0  # finished runs are kept: nothing trains again
-    out = capsys.readouterr().out
-    assert " -m eval.extrapolation " in out and " -m train " not in out
+    printed = capsys.readouterr().out
+    assert " -m eval.extrapolation " in printed and " -m train " not in printed
+    assert finetune_study.main(argv + ["--seed", "1"]) == 0  # a second seed: its own run beside seed 0's
+    printed = capsys.readouterr().out
+    assert " -m train " in printed and "--seed 1" in printed and "yarn-2-seed1" in printed
+    assert (runs / "yarn-2-seed1" / "model" / "config.json").is_file() and (out / "study-seed1.json").is_file()
+    assert json.loads((out / "study.json").read_text()) == study  # seed 0's study untouched, its minutes kept
+    assert [r["minutes"] > 0 for r in study["rows"]] == [False, True]
 
 
 @pytest.mark.parametrize("mode", ["repeat", "random", "span"])

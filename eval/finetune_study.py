@@ -47,6 +47,15 @@ def run(command) -> float:
     return (time.time() - start) / 60
 
 
+def fine_tune(base, variant, steps, args, run_dir) -> float | None:
+    """Train the run unless it finished before; its wall minutes, kept in run_dir/minutes.json (None: not recorded,
+    a run from before the file existed)."""
+    recorded = Path(run_dir) / "minutes.json"
+    if not (Path(run_dir) / "model" / "config.json").is_file():
+        report.write_json(recorded, {"minutes": round(run(train_command(base, variant, steps, args, run_dir)), 2)})
+    return json.loads(recorded.read_text())["minutes"] if recorded.is_file() else None
+
+
 def score(model, variant, run_name, args) -> dict:
     """Perplexity on both sets at 1× and k×, passkey accuracy at k× (the eval CLIs, their row caches)."""
     common = ["--model", str(model), "--variants", variant, "--factor", str(args.factor), "--run", run_name,
@@ -128,21 +137,17 @@ def main(argv=None) -> int:
                      **score(base, variant, f"base-{variant}", args)})
     for variant, steps in plan:
         run_dir = args.runs / f"{variant}-{steps}{tag}"
-        if not (run_dir / "model" / "config.json").is_file():
-            report.write_json(run_dir / "minutes.json", {"minutes": run(train_command(base, variant, steps, args,
-                                                                                        run_dir))})
-        recorded = run_dir / "minutes.json"  # a resumed study keeps the wall time of the run it did not repeat
-        minutes = json.loads(recorded.read_text())["minutes"] if recorded.is_file() else None
+        minutes = fine_tune(base, variant, steps, args, run_dir)
         tokens, losses = curve(run_dir, tokens_per_step)
         curves[f"{variant}, {steps} steps"] = (tokens, losses)
         rows.append({"variant": variant, "steps": steps, "tokens": steps * tokens_per_step,
-                     "minutes": None if minutes is None else round(minutes, 2), "val_loss_long": losses[-1] if losses else None,
+                     "minutes": minutes, "val_loss_long": losses[-1] if losses else None,
                      **score(run_dir / "model", variant, f"{variant}-{steps}{tag}", args)})
     args.out.mkdir(parents=True, exist_ok=True)
     report.write_csv(args.out / f"study{tag}.csv", rows, COLUMNS)
     report.write_json(args.out / f"study{tag}.json", {"base": str(base), "factor": args.factor, "rows": rows,
-                                                "curves": {k: {"tokens": t, "val_loss": v}
-                                                           for k, (t, v) in curves.items()}})
+                                                      "curves": {k: {"tokens": t, "val_loss": v}
+                                                                 for k, (t, v) in curves.items()}})
     body = [[r[c] for c in COLUMNS] for r in rows]
     report.atomic_write(args.out / f"study{tag}.md", report.markdown_table(COLUMNS, body) + "\n")
     plot(curves, args.out / f"study{tag}.png", args.factor)

@@ -613,6 +613,8 @@ def test_copy_probe_runs_transformers_llama_of_the_same_shape(standin, tmp_path)
     ours = copy_probe.build_model(argparse.Namespace(**vars(args), implementation="longctx"), 300)
     llama = copy_probe.build_model(argparse.Namespace(**vars(args), implementation="llama"), 300)
     assert isinstance(ours, LongCtxForCausalLM) and isinstance(llama, LlamaForCausalLM)
+    for model in (ours, llama):  # --tie-word-embeddings: one matrix in and out
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert {n: p.shape for n, p in ours.named_parameters()} == {n: p.shape for n, p in llama.named_parameters()}
     llama.load_state_dict(ours.state_dict())  # the same weights: both halves agree with longctx's scoring
     windows = torch.randint(4, 300, (3, 32))

@@ -23,10 +23,8 @@ import numpy as np
 import torch
 
 from longctx import LongCtxConfig, LongCtxForCausalLM
-from longctx.data import _copy_spans, corpus_splits, encode_documents, train_tokenizer
+from longctx.data import copy_spans, corpus_splits, encode_documents, train_tokenizer
 from train.loop import param_groups
-
-from .metrics import token_scores
 
 FIRST_ID = 4  # after <unk>, <s>, </s>, <pad> (longctx.data.train_tokenizer)
 
@@ -63,7 +61,7 @@ class CopyWindows:
         x = np.stack([self.stream[s:s + length] for s in rng.integers(0, len(self.stream) - length, a.batch_size)])
         if a.mode == "span":  # exactly `train`'s copy_fraction augmentation, seeded by window number
             indices = range(step * a.batch_size, (step + 1) * a.batch_size)
-            x = _copy_spans({"input_ids": x}, indices, a.fraction, self.segment, a.seed, self.eos_id, None)["input_ids"]
+            x = copy_spans({"input_ids": x}, indices, a.fraction, self.segment, a.seed, self.eos_id)["input_ids"]
             return torch.from_numpy(x)
         for row in x:
             if rng.random() >= a.fraction:
@@ -101,12 +99,10 @@ def build_model(args, vocab_size: int):
 
 @torch.no_grad()
 def halves(model, windows) -> tuple[float, float]:
-    """Mean loss predicting the first half's tokens and the second half's."""
-    if isinstance(model, LongCtxForCausalLM):
-        nll, _ = token_scores(model, windows)  # (batch, L − 1): predicting token t + 1
-    else:
-        logits = model(windows).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none")
+    """Mean loss predicting the first half's tokens and the second half's. Any causal LM, one code path: the full
+    logits of either implementation (`--implementation`) are scored by the same cross-entropy."""
+    logits = model(windows).logits[:, :-1].float()  # (batch, L − 1, vocab): predicting token t + 1
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none")
     half = windows.shape[1] // 2
     return round(float(nll[:, :half - 1].mean()), 3), round(float(nll[:, half:].mean()), 3)
 

@@ -2,7 +2,7 @@
 
 From a base model (default: the embedded default, L_train = 256) to k × L_train, each scheme (PI, NTK-aware,
 ntk-mixed, YaRN; methods.md §2, §3, §5, §10) is fine-tuned with `python -m train` for the same token budget, and
-YaRN and PI for a second, larger one (Chen et al.: PI recovers with fine-tuning; Peng et al.: YaRN reaches a given
+YaRN and PI (`--long-schemes`) for a second, larger one (Chen et al.: PI recovers with fine-tuning; Peng et al.: YaRN reaches a given
 perplexity at k × with fewer tokens than PI). Every run is one printed `python -m train` command; then
 `python -m eval.extrapolation` (plain and repeat sets at 1× and k×) and `python -m eval.passkey` (k×) score it,
 and the untuned base is scored with the same variants for the "before" rows. The validation loss at k × L_train
@@ -106,7 +106,10 @@ def parse_args(argv):
     parser.add_argument("--corpus", default=None, help="training and eval text (default: the presets', shakespeare)")
     parser.add_argument("--factor", type=float, default=4.0, help="k: fine-tune and score at k × L_train")
     parser.add_argument("--steps", type=int, nargs=2, default=[40, 160], metavar=("SMALL", "LARGE"),
-                        help="the shared budget, and YaRN's and PI's second one (steps of BATCH windows)")
+                        help="the shared budget, and the second one of --long-schemes (steps of BATCH windows)")
+    parser.add_argument("--long-schemes", nargs="+", default=None, choices=list(SCHEMES),
+                        help="the schemes also fine-tuned with the second budget (default: pi and yarn, those of "
+                             "them in --schemes)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--trials", type=int, default=4, help="passkey keys per depth")
@@ -115,7 +118,21 @@ def parse_args(argv):
                              "are named ...-seedN, beside seed 0's)")
     parser.add_argument("--runs", default="runs/finetune", type=Path, help="training runs go here")
     parser.add_argument("--out", default="results/finetune", type=Path, help="results go here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.long_schemes is None:
+        args.long_schemes = [v for v in ("pi", "yarn") if v in args.schemes]
+    if missing := [v for v in args.long_schemes if v not in args.schemes]:
+        parser.error(f"--long-schemes {' '.join(missing)}: not in --schemes ({' '.join(args.schemes)}); a scheme's "
+                     "second budget is beside its first")
+    return args
+
+
+def plan_runs(args) -> list[tuple[str, int]]:
+    """(scheme, steps) of every fine-tuning run: each scheme at the shared budget, then --long-schemes at the second
+    (in --schemes' order)."""
+    small, large = args.steps
+    plan = [(v, small) for v in args.schemes]
+    return plan + [(v, large) for v in args.schemes if v in args.long_schemes and large != small]
 
 
 def main(argv=None) -> int:
@@ -127,15 +144,12 @@ def main(argv=None) -> int:
     args.train_len = (config["rope_parameters"].get("original_max_position_embeddings")
                       or config["max_position_embeddings"])
     tokens_per_step = args.batch_size * args.train_len * int(args.factor)
-    small, large = args.steps
-    plan = [(v, small) for v in args.schemes]
-    plan += [(v, large) for v in ("pi", "yarn") if v in args.schemes and large != small]
     tag = f"-seed{args.seed}" if args.seed else ""  # seed 0 keeps the names it always had
     rows, curves = [], {}
     for variant in args.schemes:  # before fine-tuning: the same scheme applied to the base at inference only
         rows.append({"variant": variant, "steps": 0, "tokens": 0, "minutes": 0.0, "val_loss_long": None,
                      **score(base, variant, f"base-{variant}", args)})
-    for variant, steps in plan:
+    for variant, steps in plan_runs(args):
         run_dir = args.runs / f"{variant}-{steps}{tag}"
         minutes = fine_tune(base, variant, steps, args, run_dir)
         tokens, losses = curve(run_dir, tokens_per_step)

@@ -70,8 +70,13 @@ def make_settings(config, max_length, factor=None, rerope_window=None, leaky_fac
         raise ValueError(f"--leaky-factor={leaky} is invalid; it must be >= 1.")
     if dynamic not in DYNAMIC_MODES:
         raise ValueError(f"--dynamic={dynamic!r} is invalid; allowed: {', '.join(DYNAMIC_MODES)}.")
-    if mixed_exponent is not None and not 0 < mixed_exponent <= 1:
-        raise ValueError(f"--mixed-exponent={mixed_exponent} is invalid; it must be in (0, 1] (methods.md §5).")
+    if mixed_exponent is not None:  # the rule is ntk-mixed's own (longctx.rope); named here by the flag
+        from longctx.rope import ROPE_SPECS
+
+        try:
+            ROPE_SPECS["ntk-mixed"].check({"mixed_exponent": mixed_exponent}, train_len)
+        except ValueError as error:
+            raise ValueError(f"--mixed-exponent={mixed_exponent} is invalid (methods.md §5): {error}") from None
     native_logn = "trained" if config.logn_scaling == "trained" else "off"  # "posthoc" is an inference switch
     return VariantSettings(train_len, float(config.rope_parameters["rope_theta"]), factor, window, leaky, native_logn,
                            dynamic, None if mixed_exponent is None else float(mixed_exponent))

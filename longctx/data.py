@@ -342,8 +342,9 @@ def pack_windows(tokenizer, documents: list[str], seq_len: int, batch_documents:
     return windows.with_format("torch")
 
 
-def _copy_spans(batch, indices, fraction, span, seed, eos_id, random_tokens):
-    """In place of tokens later in a window, a copy of an earlier span of it (see `add_copied_spans`)."""
+def copy_spans(batch, indices, fraction, span, seed, eos_id, random_tokens=None):
+    """`add_copied_spans` on one batch of windows: `batch["input_ids"]` (rows of equal length) and their window
+    `indices` (the per-window seeds) -> {"input_ids", "position_ids"} as arrays, positions restarting after EOS."""
     ids = np.array(batch["input_ids"], dtype=np.int64)
     length = ids.shape[1]
     for row, index in enumerate(indices):
@@ -381,7 +382,7 @@ def add_copied_spans(windows, fraction: float, span: tuple[int, int], seed: int,
         raise ValueError(f"span={span!r} is invalid for windows of {length} tokens; expected 1 <= min <= max <= "
                          f"{length // 2}")
     copied = windows.with_format(None).map(
-        _copy_spans, batched=True, with_indices=True, desc="copy spans",
+        copy_spans, batched=True, with_indices=True, desc="copy spans",
         fn_kwargs={"fraction": fraction, "span": tuple(span), "seed": seed, "eos_id": eos_id,
                    "random_tokens": random_tokens})
     return copied.with_format("torch")
@@ -394,5 +395,5 @@ def unigram_entropy(token_ids) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-__all__ = ["CORPORA", "SPLITS", "add_copied_spans", "corpus_splits", "encode_documents", "load_documents",
-           "load_tokenizer", "pack_windows", "split_documents", "train_tokenizer", "unigram_entropy"]
+__all__ = ["CORPORA", "SPLITS", "add_copied_spans", "copy_spans", "corpus_splits", "encode_documents",
+           "load_documents", "load_tokenizer", "pack_windows", "split_documents", "train_tokenizer", "unigram_entropy"]

@@ -209,6 +209,11 @@ def test_copied_spans_repeat_an_earlier_span_of_the_same_window(tokenizer_dir, s
     assert data.add_copied_spans(packed, 0.5, (8, 32), 1, eos)[:]["input_ids"].tolist() != copied["input_ids"].tolist()
     with pytest.raises(ValueError, match=r"span=\(8, 100\) is invalid for windows of 128 tokens"):
         data.add_copied_spans(packed, 0.5, (8, 100), 0, eos)
+    # the batch function the map runs (and eval.copy_probe calls on its own batches): seeded per window index, so a
+    # batch of four windows cut anywhere gets what the whole dataset's map gave them
+    four = data.copy_spans({"input_ids": original["input_ids"][5:9].numpy()}, range(5, 9), 0.5, (8, 32), 0, eos)
+    assert four["input_ids"].tolist() == copied["input_ids"][5:9].tolist()
+    assert four["position_ids"].tolist() == copied["position_ids"][5:9].tolist()
 
 
 def test_random_copied_spans_draw_their_tokens_from_the_range_and_repeat_them(tokenizer_dir, shakespeare):

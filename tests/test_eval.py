@@ -185,7 +185,8 @@ def test_mixed_exponent_reaches_the_ntk_mixed_rows_and_their_frequency_table():
     set_rope(model, **variant_scheme("ntk-fixed", fixed, 256))  # e = 1 is NTK-fixed: (b·k)^(−2i/d)·k^(−2/d)
     torch.testing.assert_close(compute_inv_freq(model.config)[0].double(), expected.double(), rtol=1e-6, atol=0)
     for bad in (0.0, -1.0, 1.5):
-        with pytest.raises(ValueError, match=rf"--mixed-exponent={bad} is invalid; it must be in \(0, 1\]"):
+        allowed = "must be > 0" if bad <= 0 else "must be <= 1"  # ntk-mixed's own check (longctx.rope)
+        with pytest.raises(ValueError, match=rf"--mixed-exponent={bad} is invalid .*mixed_exponent`={bad} .*{allowed}"):
             make_settings(model.config, 256, mixed_exponent=bad)
 
 
@@ -560,6 +561,22 @@ def test_the_finetune_study_trains_each_scheme_and_tables_it(standin, tmp_path, 
     assert (runs / "yarn-2-seed1" / "model" / "config.json").is_file() and (out / "study-seed1.json").is_file()
     assert json.loads((out / "study.json").read_text()) == study  # seed 0's study untouched, its minutes kept
     assert [r["minutes"] > 0 for r in study["rows"]] == [False, True]
+
+
+def test_the_finetune_study_plans_the_second_budget_for_long_schemes_only(capsys):
+    """Every scheme at the shared budget, then PI and YaRN (or `--long-schemes`) at the second; a long scheme not
+    fine-tuned at the first budget is refused by name."""
+    from eval.finetune_study import parse_args, plan_runs
+
+    assert plan_runs(parse_args([])) == [("pi", 40), ("ntk", 40), ("ntk-mixed", 40), ("yarn", 40),
+                                         ("pi", 160), ("yarn", 160)]
+    every = parse_args(["--steps", "10", "30", "--long-schemes", "yarn", "ntk", "pi", "ntk-mixed"])
+    assert plan_runs(every)[4:] == [("pi", 30), ("ntk", 30), ("ntk-mixed", 30), ("yarn", 30)]
+    assert plan_runs(parse_args(["--steps", "10", "10"])) == [(v, 10) for v in ("pi", "ntk", "ntk-mixed", "yarn")]
+    assert plan_runs(parse_args(["--schemes", "yarn", "ntk"])) == [("yarn", 40), ("ntk", 40), ("yarn", 160)]
+    with pytest.raises(SystemExit):
+        parse_args(["--schemes", "yarn", "--long-schemes", "pi", "yarn"])
+    assert "--long-schemes pi: not in --schemes (yarn)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", ["repeat", "random", "span"])

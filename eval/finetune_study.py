@@ -5,8 +5,8 @@ ntk-mixed, YaRN; methods.md §2, §3, §5, §10) is fine-tuned with `python -m t
 YaRN and PI (`--long-schemes`) for a second, larger one (Chen et al.: PI recovers with fine-tuning; Peng et al.:
 YaRN reaches a given perplexity at k × with fewer tokens than PI). Every run is one printed `python -m train`
 command; then `python -m eval.extrapolation` (plain and repeat sets at 1× and k×) and `python -m eval.passkey` (k×)
-score it, and the untuned base is scored with the same variants for the "before" rows. The validation loss at k × L_train
-that training logs every few steps gives the curves against tokens. Writes OUT/study.{md,csv,json,png}.
+score it, and the untuned base is scored with the same variants for the "before" rows. The validation loss at
+k × L_train that training logs every few steps gives the curves against tokens. Writes OUT/study.{md,csv,json,png}.
 Finished runs and rows are kept: the same command resumes (train's own checkpoints, eval's row cache).
 `--seed N` repeats the fine-tuning runs with another order of windows, beside seed 0's (`...-seedN`), for the spread.
 """

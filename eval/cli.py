@@ -11,7 +11,8 @@ import torch
 from longctx.data import progress_bars
 
 from .models import DEFAULT_CORPUS, LoadedModel, load_model
-from .variants import BASE_VARIANTS, DYNAMIC_MODES, VARIANTS, available_variants, check_variants, make_settings
+from .variants import (BASE_VARIANTS, DYNAMIC_MODES, LOGN, SCALED_BY_K, VARIANTS, available_variants, check_variants,
+                       make_settings)
 
 DEFAULT_LENGTHS = ("1x", "2x", "4x", "8x", "16x")
 
@@ -120,6 +121,11 @@ def prepare(args, command: str) -> Session:
     if not args.variants and settings.native_logn == "trained":
         print("The model was pre-trained with log-n scaling: every variant uses it (Su's '-log n' rows); the '+logn' "
               f"variants are left out. Variants: {', '.join(BASE_VARIANTS)}.")
+    if args.factor is None and settings.factor == 1 and (same := [v for v in variants if v.removesuffix(LOGN) in
+                                                                  SCALED_BY_K]):
+        print(f"note: k = 1 (no --factor, and the longest length, {max(lengths)}, is within L_train = {train_len}): "
+              f"{', '.join(same)} compute plain RoPE's numbers here; give --factor K to score them as they extend "
+              "to K × L_train.", file=sys.stderr)
     run_dir = Path(args.output_dir) / (args.run or loaded.name)
     return Session(loaded, settings, variants, lengths, run_dir, device, dtype, command,
                    datetime.now(timezone.utc).isoformat(timespec="seconds"))

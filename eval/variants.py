@@ -20,6 +20,7 @@ BASE_VARIANTS = ("baseline", "pi", "ntk", "ntk-fixed", "ntk-mixed", "dynamic", "
 LOGN = "+logn"
 VARIANTS = BASE_VARIANTS + tuple(name + LOGN for name in BASE_VARIANTS)
 DYNAMIC_MODES = ("prefill", "causal")
+SCALED_BY_K = ("pi", "ntk", "ntk-fixed", "ntk-mixed", "yarn")  # plain RoPE's table when k = 1 (methods.md §2–§5, §10)
 
 # variant -> rope_type (methods.md §1 plain, §2 PI, §3 NTK, §4 fixed, §5 mixed, §10 dynamic/YaRN, §8 ReRoPE)
 ROPE_TYPES = {

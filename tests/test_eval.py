@@ -463,6 +463,21 @@ def test_a_new_metric_version_recomputes_every_cached_row(standin, tmp_path, mon
     assert len(set((tmp_path / "p" / "passkey-cache").iterdir())) == 2 * len(rows)
 
 
+def test_k_of_1_is_pointed_out_where_it_makes_the_scaled_variants_plain_rope(standin, tmp_path, capsys):
+    """Lengths within L_train and no --factor give k = 1, at which PI, NTK and YaRN are plain RoPE: the CLI says so
+    (stderr) and names them; --factor, a length beyond L_train (k > 1) or no such variant: no note."""
+    argv = ["--model", str(standin["dir"]), "--corpus", str(standin["corpus"]), "--max-tokens", "64", "--sets",
+            "plain", "--output-dir", str(tmp_path), "--no-progress", "--lengths", "1x"]
+    chosen = ["--variants", "baseline", "yarn", "rerope", "pi+logn"]
+    assert extrapolation.main(argv + chosen) == 0
+    err = capsys.readouterr().err
+    assert f"note: k = 1 (no --factor, and the longest length, {TRAIN_LEN}, is within L_train = {TRAIN_LEN}): " \
+           "yarn, pi+logn compute plain RoPE's numbers here" in err
+    for other in (["--factor", "2"], ["2x"], ["--variants", "baseline", "rerope"]):
+        assert extrapolation.main(argv + other + (chosen if other[0] != "--variants" else [])) == 0
+        assert "note: k = 1" not in capsys.readouterr().err, other
+
+
 def test_passkey_prompt_is_exact_and_scoring_equals_greedy_decoding(loaded):
     tokenizer, model = loaded.tokenizer, loaded.model
     set_rope(model, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, logn_scaling="off")

@@ -121,8 +121,8 @@ def prepare(args, command: str) -> Session:
     if not args.variants and settings.native_logn == "trained":
         print("The model was pre-trained with log-n scaling: every variant uses it (Su's '-log n' rows); the '+logn' "
               f"variants are left out. Variants: {', '.join(BASE_VARIANTS)}.")
-    if args.factor is None and settings.factor == 1 and (same := [v for v in variants if v.removesuffix(LOGN) in
-                                                                  SCALED_BY_K]):
+    same = [v for v in variants if v.removesuffix(LOGN) in SCALED_BY_K]  # what k = 1 would make plain RoPE
+    if same and args.factor is None and settings.factor == 1:
         print(f"note: k = 1 (no --factor, and the longest length, {max(lengths)}, is within L_train = {train_len}): "
               f"{', '.join(same)} compute plain RoPE's numbers here; give --factor K to score them as they extend "
               "to K × L_train.", file=sys.stderr)

@@ -22,9 +22,11 @@ $(STAMP): pyproject.toml constraints-cpu.txt Makefile
 
 install: $(STAMP)
 
-# The main job: the length-extrapolation sweep on the embedded default (trained once, then cached).
+# The main job on the embedded default (trained once, then cached): the length-extrapolation sweep, then passkey
+# retrieval at 1x-8x L_train (three depths, four keys each).
 demo: $(STAMP)
 	$(PY) -m eval.extrapolation --model default
+	$(PY) -m eval.passkey --model default --lengths 1x 2x 4x 8x --depths 0 0.5 1
 
 # Fine-tuning for length extension from the default (PI, NTK, ntk-mixed, YaRN; RESULTS.md section 4).
 finetune-study: $(STAMP)

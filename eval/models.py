@@ -40,9 +40,12 @@ def default_model_dir(log=print, progress=True) -> Path:
     """The embedded default model: trained with the `tiny` preset on the default corpus the first time, then
     cached. Training holds a lock (a second process waits, then finds the model), works in a staging folder that
     a killed run leaves behind and the next one removes, and moves the finished model into place with one
-    `os.replace`: there is never half a model at the cached path."""
+    `os.replace`: there is never half a model at the cached path. The path names a digest of the preset file
+    (`default-<digest>`), so a changed preset trains a new default instead of reusing one trained by another."""
+    from train.config import preset_path
+
     root = cache_root()
-    target = root / "default"
+    target = root / f"default-{hashlib.sha256(preset_path(DEFAULT_PRESET).read_bytes()).hexdigest()[:12]}"
     if (target / "config.json").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,9 @@ from typing import ClassVar
 
 import torch
 
+from longctx.data import PASSKEY_NEEDLE as NEEDLE
+from longctx.data import PASSKEY_QUESTION as QUESTION
+
 from . import report, sweep
 from .cli import make_parser, run_cli
 from .metrics import token_scores
@@ -28,8 +31,6 @@ from .variants import mixed_exponent
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.")
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = " What is the pass key? The pass key is"
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 CSV_COLUMNS = ["variant", "rope_type", "logn_scaling", "length", "length_ratio", "depth", "trials", "accuracy",
                "answer_nll", "seconds"]

@@ -342,6 +342,16 @@ def pack_windows(tokenizer, documents: list[str], seq_len: int, batch_documents:
     return windows.with_format("torch")
 
 
+def _restart_positions(ids: np.ndarray, eos_id: int) -> np.ndarray:
+    """Position ids of packed windows `ids` (rows): 0 at each window's start and again after every EOS."""
+    length = ids.shape[1]
+    starts = np.zeros_like(ids, dtype=bool)
+    starts[:, 0] = True
+    starts[:, 1:] = ids[:, :-1] == eos_id
+    index = np.broadcast_to(np.arange(length), ids.shape)
+    return index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+
+
 def copy_spans(batch, indices, fraction, span, seed, eos_id, random_tokens=None):
     """`add_copied_spans` on one batch of windows: `batch["input_ids"]` (rows of equal length) and their window
     `indices` (the per-window seeds) -> {"input_ids", "position_ids"} as arrays, positions restarting after EOS."""
@@ -357,12 +367,7 @@ def copy_spans(batch, indices, fraction, span, seed, eos_id, random_tokens=None)
         if random_tokens is not None:  # (first, last) ids: the span itself becomes tokens drawn uniformly
             ids[row, source:source + size] = rng.integers(random_tokens[0], random_tokens[1] + 1, size)
         ids[row, target:target + size] = ids[row, source:source + size]
-    starts = np.zeros_like(ids, dtype=bool)
-    starts[:, 0] = True
-    starts[:, 1:] = ids[:, :-1] == eos_id  # positions restart after every EOS, copied ones included
-    index = np.broadcast_to(np.arange(length), ids.shape)
-    last_start = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
-    return {"input_ids": ids, "position_ids": index - last_start}
+    return {"input_ids": ids, "position_ids": _restart_positions(ids, eos_id)}  # copied EOS restart them too
 
 
 def add_copied_spans(windows, fraction: float, span: tuple[int, int], seed: int, eos_id: int, random_tokens=None):
@@ -388,6 +393,53 @@ def add_copied_spans(windows, fraction: float, span: tuple[int, int], seed: int,
     return copied.with_format("torch")
 
 
+# The needle and question of landmark attention / YaRN's passkey test (anchors.md §3.1), which eval.passkey asks.
+PASSKEY_NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = " What is the pass key? The pass key is"
+PASSKEY_DIGITS = (3, 7)  # training keys have 3 to 7 digits (the eval's default is 5)
+
+
+def passkey_spans(batch, indices, fraction, seed, tokenizer):
+    """`add_passkey_spans` on one batch of windows (see there) -> {"input_ids", "position_ids"} as arrays."""
+    ids = np.array(batch["input_ids"], dtype=np.int64)
+    length, eos_id = ids.shape[1], tokenizer.eos_token_id
+    for row, index in enumerate(indices):
+        rng = np.random.default_rng((seed, index))  # per window: the same windows whatever the batching
+        if rng.random() >= fraction:
+            continue
+        digits = int(rng.integers(PASSKEY_DIGITS[0], PASSKEY_DIGITS[1] + 1))
+        key = str(int(rng.integers(10 ** (digits - 1), 10**digits)))
+        needle = tokenizer(PASSKEY_NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
+        question = tokenizer(f"{PASSKEY_QUESTION} {key}", add_special_tokens=False)["input_ids"]
+        if len(needle) + len(question) > length:
+            raise ValueError(f"windows of {length} tokens are too short for a passkey needle and its question "
+                             f"({len(needle) + len(question)} tokens); use longer windows or passkey_fraction 0")
+        start = int(rng.integers(0, length - len(needle) - len(question) + 1))
+        asked = int(rng.integers(start + len(needle), length - len(question) + 1))
+        ids[row, start:start + len(needle)] = needle
+        ids[row, asked:asked + len(question)] = question
+        between = ids[row, start:asked]
+        between[between == eos_id] = tokenizer(" ", add_special_tokens=False)["input_ids"][-1]  # one document
+    return {"input_ids": ids, "position_ids": _restart_positions(ids, eos_id)}
+
+
+def add_passkey_spans(windows, fraction: float, seed: int, tokenizer):
+    """Training windows that teach passkey retrieval: in a `fraction` of them the passkey needle
+    (`PASSKEY_NEEDLE`, a random key of `PASSKEY_DIGITS` digits) overwrites the text at a random place, and the
+    question with its answer (`PASSKEY_QUESTION` + key) a random later place — a synthetic retrieval span in
+    natural text, whose answer only a look back at the needle predicts. An EOS between the two becomes a space, so
+    both stay in one document. Seeded per window; the held-out splits are never touched, and eval.passkey's keys,
+    filler and depths are its own. Returns a new `datasets.Dataset` of windows."""
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction={fraction!r} is invalid; expected a number in [0, 1]")
+    if fraction == 0:
+        return windows
+    marked = windows.with_format(None).map(
+        passkey_spans, batched=True, with_indices=True, desc="passkey spans",
+        fn_kwargs={"fraction": fraction, "seed": seed, "tokenizer": tokenizer})
+    return marked.with_format("torch")
+
+
 def unigram_entropy(token_ids) -> float:
     """Entropy in nats of the token frequency distribution: the loss of the best context-free predictor."""
     counts = np.bincount(np.concatenate([np.asarray(t, dtype=np.int64).ravel() for t in token_ids]))
@@ -395,5 +447,6 @@ def unigram_entropy(token_ids) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-__all__ = ["CORPORA", "SPLITS", "add_copied_spans", "copy_spans", "corpus_splits", "encode_documents",
+__all__ = ["CORPORA", "PASSKEY_NEEDLE", "PASSKEY_QUESTION", "SPLITS", "add_copied_spans", "add_passkey_spans",
+           "copy_spans", "corpus_splits", "encode_documents",
            "load_documents", "load_tokenizer", "pack_windows", "split_documents", "train_tokenizer", "unigram_entropy"]

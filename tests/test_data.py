@@ -3,8 +3,10 @@
 import json
 import math
 import random
+import re
 
 import numpy as np
+
 import pytest
 import sentencepiece as spm
 from transformers import AutoTokenizer
@@ -232,6 +234,44 @@ def test_random_copied_spans_draw_their_tokens_from_the_range_and_repeat_them(to
         assert 8 <= size <= 16 and drawn == list(range(a, a + size)) + list(range(b, b + size))
         assert [t for i, t in enumerate(after) if i not in drawn] == [t for i, t in enumerate(before) if i not in drawn]
         assert after[a:a + size] == after[b:b + size]
+
+
+def test_passkey_spans_write_the_needle_then_its_question_and_answer(tokenizer_dir, shakespeare):
+    """passkey_fraction: a changed window decodes to its text with the needle of landmark attention's passkey test
+    (a key of 3-7 digits) at one place and, later, the question followed by the same key, as eval.passkey asks it
+    (the question and answer ids are eval.passkey's own); positions restart after every EOS left (a loop); the same
+    seed gives the same windows; about `fraction` change; too short a window is refused with what to do."""
+    from eval.passkey import answer_ids
+
+    tokenizer = data.load_tokenizer(tokenizer_dir)
+    packed = data.pack_windows(tokenizer, [play[:12000] for play in shakespeare["train"][:6]], 128)
+    eos = tokenizer.eos_token_id
+    assert data.add_passkey_spans(packed, 0.0, 0, tokenizer) is packed
+    marked = data.add_passkey_spans(packed, 0.5, 0, tokenizer)[:]
+    pattern = re.compile(r" The pass key is (\d{3,7})\. Remember it\. \1 is the pass key\..*"
+                         r" What is the pass key\? The pass key is \1", re.S)
+    changed = 0
+    for before, after, positions in zip(packed[:]["input_ids"].tolist(), marked["input_ids"].tolist(),
+                                        marked["position_ids"].tolist()):
+        if before == after:
+            continue
+        changed += 1
+        found = pattern.search(tokenizer.sp_model.decode(after))
+        assert found, tokenizer.sp_model.decode(after)
+        question, answer = answer_ids(tokenizer, found.group(1))
+        assert any(after[i:i + len(question) + len(answer)] == question + answer for i in range(len(after)))
+        expected, position = [], 0
+        for i, token in enumerate(after):
+            position = 0 if i == 0 or after[i - 1] == eos else position + 1
+            expected.append(position)
+        assert positions == expected
+    assert 0.3 * len(packed) < changed < 0.7 * len(packed)
+    assert data.add_passkey_spans(packed, 0.5, 0, tokenizer)[:]["input_ids"].tolist() == marked["input_ids"].tolist()
+    assert data.add_passkey_spans(packed, 0.5, 1, tokenizer)[:]["input_ids"].tolist() != marked["input_ids"].tolist()
+    with pytest.raises(ValueError, match="windows of 32 tokens are too short for a passkey needle"):
+        data.add_passkey_spans(data.pack_windows(tokenizer, shakespeare["train"][:1], 32), 1.0, 0, tokenizer)
+    with pytest.raises(ValueError, match=r"fraction=1.5 is invalid"):
+        data.add_passkey_spans(packed, 1.5, 0, tokenizer)
 
 
 def _spans(token_ids, width, count, rng):

@@ -2,10 +2,12 @@
 table, resumable sweeps, bad input, and end-to-end runs of `eval.extrapolation` / `eval.passkey` on a stand-in."""
 
 import csv
+import hashlib
 import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -409,8 +411,9 @@ def test_default_model_is_trained_once_and_moved_into_place(standin, tmp_path, m
     (stale / "run").mkdir(parents=True)
     first = models.default_model_dir(log=lambda m: None)
     second = models.default_model_dir(log=lambda m: None)
-    assert first == second == tmp_path / "cache" / "default" and len(runs) == 1
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".default.lock", "default"]  # nothing staged
+    preset = hashlib.sha256((Path(train.__file__).parent / "configs" / "tiny.yaml").read_bytes()).hexdigest()
+    assert first == second == tmp_path / "cache" / f"default-{preset[:12]}" and len(runs) == 1
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".default.lock", first.name]  # nothing staged
     assert models.training_corpus(first) == ("shakespeare", 3)
     assert models.load_model("default").fingerprint == models.load_model(str(first)).fingerprint
 

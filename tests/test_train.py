@@ -204,6 +204,7 @@ def test_two_cpu_processes_match_one_at_the_same_global_batch(tmp_path, corpus):
     (["--corpus", "{broken.jsonl}"], r"broken.jsonl line 2 is not JSON"),
     # copied-span augmentation (longctx.data.add_copied_spans)
     (["--copy_fraction", "1.5"], r"`copy_fraction`=1.5 is invalid"),
+    (["--passkey_fraction", "-0.1"], r"`passkey_fraction`=-0.1 is invalid"),
     (["--copy_span", "[8]"], r"`copy_span`=\[8\] is invalid; expected \[min, max\] tokens"),
     (["--copy_span", "[40, 20]"], r"`copy_span`=\[40, 20\] is invalid"),
     (["--copy_span", "[8, 100]", "--copy_fraction", "0.5"], r"`copy_span`=\[8, 100\] is invalid; .* <= seq_len / 2"),
@@ -508,6 +509,13 @@ def test_tiny_preset_beats_the_unigram_entropy(tmp_path):
     val_loss = losses(tmp_path / "tiny", "val_loss")[-1][1]
     print(f"tiny: {minutes:.1f} min, validation loss {val_loss:.3f} nats, unigram entropy {entropy:.3f} nats")
     assert val_loss < entropy - 1.0
+    # the embedded default retrieves at L_train: eval.passkey's prompt (its keys, filler and depths, never trained on)
+    from eval.passkey import make_keys, passkey_samples, score_trials
+
+    model = LongCtxForCausalLM.from_pretrained(model_dir).eval()
+    for depth in (0.0, 0.5, 1.0):
+        accuracy, _ = score_trials(model, passkey_samples(tokenizer, make_keys(8, 5, 0), config["seq_len"], depth))
+        assert accuracy >= 0.75, (depth, accuracy)
 
 
 @pytest.mark.slow

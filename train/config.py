@@ -71,6 +71,8 @@ class TrainConfig:
     copy_span: list[int] = _key([16, 64], "the copied span's length in tokens, [min, max]")
     copy_source: str = _key("text", "the span copied: the window's own text, or uniform random ids (a retrieval span)",
                             choices=COPY_SOURCES)
+    passkey_fraction: float = _key(0.0, "training windows with a passkey needle and, later, its question and answer "
+                                        "(longctx.data.add_passkey_spans)", minimum=0.0, maximum=1.0)
     model: dict = _key({}, "LongCtxConfig fields: architecture and position scheme")
     attn_implementation: str = _key("sdpa", "the attention backend", choices=ATTN_IMPLEMENTATIONS)
     gradient_checkpointing: bool = _key(False, "recompute activations in the backward pass: less memory, slower")

@@ -24,7 +24,9 @@ from tqdm.auto import tqdm
 from longctx import LongCtxConfig, LongCtxForCausalLM
 from longctx.configuration_longctx import original_max_positions
 from longctx.files import check_model_source
-from longctx.data import add_copied_spans, corpus_splits, load_tokenizer, pack_windows, progress_bars, train_tokenizer
+from longctx.data import (add_copied_spans, add_passkey_spans, corpus_splits, load_tokenizer, pack_windows,
+                          progress_bars,
+                          train_tokenizer)
 from longctx.rope import set_rope
 
 from .checkpoint import (
@@ -443,6 +445,7 @@ def build_data(config, tokenizer, splits) -> Data:
     random_tokens = (first_id, len(tokenizer) - 1) if config["copy_source"] == "random" else None
     train_windows = add_copied_spans(pack_windows(tokenizer, splits["train"], seq_len), config["copy_fraction"],
                                      config["copy_span"], config["seed"], tokenizer.eos_token_id, random_tokens)
+    train_windows = add_passkey_spans(train_windows, config["passkey_fraction"], config["seed"], tokenizer)
     val_windows = pack_windows(tokenizer, splits["validation"], seq_len)
     if len(train_windows) < config["batch_size"]:
         raise ConfigError(f"corpus {config['corpus']!r}: the train split gives {len(train_windows)} windows of "

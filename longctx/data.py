@@ -403,6 +403,7 @@ def passkey_spans(batch, indices, fraction, seed, tokenizer):
     """`add_passkey_spans` on one batch of windows (see there) -> {"input_ids", "position_ids"} as arrays."""
     ids = np.array(batch["input_ids"], dtype=np.int64)
     length, eos_id = ids.shape[1], tokenizer.eos_token_id
+    space = tokenizer(" ", add_special_tokens=False)["input_ids"][-1]
     for row, index in enumerate(indices):
         rng = np.random.default_rng((seed, index))  # per window: the same windows whatever the batching
         if rng.random() >= fraction:
@@ -419,7 +420,7 @@ def passkey_spans(batch, indices, fraction, seed, tokenizer):
         ids[row, start:start + len(needle)] = needle
         ids[row, asked:asked + len(question)] = question
         between = ids[row, start:asked]
-        between[between == eos_id] = tokenizer(" ", add_special_tokens=False)["input_ids"][-1]  # one document
+        between[between == eos_id] = space  # needle and question in one document
     return {"input_ids": ids, "position_ids": _restart_positions(ids, eos_id)}
 
 

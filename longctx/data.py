@@ -352,6 +352,19 @@ def _restart_positions(ids: np.ndarray, eos_id: int) -> np.ndarray:
     return index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)
 
 
+def _rewrites(fraction) -> bool:
+    """Whether a window augmentation of this `fraction` changes anything; a fraction outside [0, 1] is an error."""
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction={fraction!r} is invalid; expected a number in [0, 1]")
+    return fraction > 0
+
+
+def _rewrite_windows(windows, function, desc: str, **kwargs):
+    """`function(batch, indices, **kwargs)` mapped over batches of `windows`: a new torch-format Dataset."""
+    rewritten = windows.with_format(None).map(function, batched=True, with_indices=True, desc=desc, fn_kwargs=kwargs)
+    return rewritten.with_format("torch")
+
+
 def copy_spans(batch, indices, fraction, span, seed, eos_id, random_tokens=None):
     """`add_copied_spans` on one batch of windows: `batch["input_ids"]` (rows of equal length) and their window
     `indices` (the per-window seeds) -> {"input_ids", "position_ids"} as arrays, positions restarting after EOS."""
@@ -378,19 +391,14 @@ def add_copied_spans(windows, fraction: float, span: tuple[int, int], seed: int,
     held-out splits are never touched. `random_tokens=(first, last)`: the span is first replaced by ids drawn
     uniformly from that range — unpredictable the first time, so only copying predicts its second occurrence (a
     synthetic retrieval span in natural text). Returns a new `datasets.Dataset` of windows."""
-    if not 0 <= fraction <= 1:
-        raise ValueError(f"fraction={fraction!r} is invalid; expected a number in [0, 1]")
-    if fraction == 0:
+    if not _rewrites(fraction):
         return windows
     length = len(windows[0]["input_ids"])
     if not 1 <= span[0] <= span[1] <= length // 2:
         raise ValueError(f"span={span!r} is invalid for windows of {length} tokens; expected 1 <= min <= max <= "
                          f"{length // 2}")
-    copied = windows.with_format(None).map(
-        copy_spans, batched=True, with_indices=True, desc="copy spans",
-        fn_kwargs={"fraction": fraction, "span": tuple(span), "seed": seed, "eos_id": eos_id,
-                   "random_tokens": random_tokens})
-    return copied.with_format("torch")
+    return _rewrite_windows(windows, copy_spans, "copy spans", fraction=fraction, span=tuple(span), seed=seed,
+                            eos_id=eos_id, random_tokens=random_tokens)
 
 
 # The needle and question of landmark attention / YaRN's passkey test (anchors.md §3.1), which eval.passkey asks.
@@ -431,14 +439,10 @@ def add_passkey_spans(windows, fraction: float, seed: int, tokenizer):
     natural text, whose answer only a look back at the needle predicts. An EOS between the two becomes a space, so
     both stay in one document. Seeded per window; the held-out splits are never touched, and eval.passkey's keys,
     filler and depths are its own. Returns a new `datasets.Dataset` of windows."""
-    if not 0 <= fraction <= 1:
-        raise ValueError(f"fraction={fraction!r} is invalid; expected a number in [0, 1]")
-    if fraction == 0:
+    if not _rewrites(fraction):
         return windows
-    marked = windows.with_format(None).map(
-        passkey_spans, batched=True, with_indices=True, desc="passkey spans",
-        fn_kwargs={"fraction": fraction, "seed": seed, "tokenizer": tokenizer})
-    return marked.with_format("torch")
+    return _rewrite_windows(windows, passkey_spans, "passkey spans", fraction=fraction, seed=seed,
+                            tokenizer=tokenizer)
 
 
 def unigram_entropy(token_ids) -> float:

@@ -25,8 +25,7 @@ from longctx import LongCtxConfig, LongCtxForCausalLM
 from longctx.configuration_longctx import original_max_positions
 from longctx.files import check_model_source
 from longctx.data import (add_copied_spans, add_passkey_spans, corpus_splits, load_tokenizer, pack_windows,
-                          progress_bars,
-                          train_tokenizer)
+                          progress_bars, train_tokenizer)
 from longctx.rope import set_rope
 
 from .checkpoint import (

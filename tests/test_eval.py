@@ -515,7 +515,8 @@ def test_passkey_cli_end_to_end(standin, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_make_demo_command_on_the_real_default_model(tmp_path):
-    """`python -m eval.extrapolation --model default` from an empty cache: trains the tiny preset, then sweeps."""
+    """`make demo`'s two commands from an empty cache: `python -m eval.extrapolation --model default` trains the tiny
+    preset, then sweeps; `python -m eval.passkey --model default` reuses it."""
     import os
     import subprocess
     import sys
@@ -529,6 +530,16 @@ def test_make_demo_command_on_the_real_default_model(tmp_path):
     assert {r["variant"] for r in rows} == set(VARIANTS)
     baseline = {(r["length"], r["set"]): r for r in rows if r["variant"] == "baseline"}
     assert baseline[(256, "plain")]["perplexity"] < baseline[(4096, "plain")]["perplexity"]  # RoPE fails to extrapolate
+    # make demo's second command, on the cached default: it retrieves at L_train, and Leaky ReRoPE + logn past it
+    out = subprocess.run([sys.executable, "-m", "eval.passkey", "--model", "default", "--lengths", "1x", "2x",
+                          "--depths", "0", "0.5", "1", "--variants", "baseline", "leaky-rerope+logn", "--output-dir",
+                          str(tmp_path / "results"), "--no-progress"], capture_output=True, text=True, env=env,
+                         timeout=3000)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "No cached default model" not in out.stdout + out.stderr  # the default trained above, reused
+    rows = json.loads((tmp_path / "results" / "default" / "passkey.json").read_text())["rows"]
+    accuracy = {(r["variant"], r["length"]): r["accuracy"] for r in passkey.mean_over_depths(rows)}
+    assert accuracy[("baseline", 256)] >= 0.75 and accuracy[("leaky-rerope+logn", 512)] > accuracy[("baseline", 512)]
 
 
 def test_reports_are_written_atomically_with_the_permissions_open_gives(tmp_path):

@@ -189,18 +189,31 @@ def plot(rows, protocol, path):
     plt.close(figure)
 
 
+def add_prompt_arguments(parser, depths=DEFAULT_DEPTHS, trials=4):
+    """`--depths` and `--trials`, the passkey prompts' options (also eval.heads')."""
+    parser.add_argument("--depths", nargs="+", type=float, default=list(depths),
+                        help="needle depths, fractions of the filler before it (default "
+                             + " ".join(f"{d:g}" for d in depths) + ")")
+    parser.add_argument("--trials", type=int, default=trials,
+                        help=f"random keys per (length, depth) (default {trials})")
+
+
+def check_prompt_arguments(parser, args):
+    if any(not 0 <= d <= 1 for d in args.depths):
+        parser.error(f"--depths {args.depths}: each depth must be in [0, 1]")
+    if args.trials < 1:
+        parser.error("--trials must be >= 1")
+
+
 def parse_args(argv=None):
     parser = make_parser("python -m eval.passkey", __doc__)
-    parser.add_argument("--depths", nargs="+", type=float, default=list(DEFAULT_DEPTHS),
-                        help="needle depths, fractions of the filler before it (default 0 0.25 0.5 0.75 1)")
-    parser.add_argument("--trials", type=int, default=4, help="random keys per (length, depth) (default 4)")
+    add_prompt_arguments(parser)
     parser.add_argument("--digits", type=int, default=5, help="digits of the pass key (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the keys (default 0)")
     args = parser.parse_args(argv)
-    if any(not 0 <= d <= 1 for d in args.depths):
-        parser.error(f"--depths {args.depths}: each depth must be in [0, 1]")
-    if args.trials < 1 or args.digits < 1:
-        parser.error("--trials and --digits must be >= 1")
+    check_prompt_arguments(parser, args)
+    if args.digits < 1:
+        parser.error("--digits must be >= 1")
     return args
 
 

@@ -671,3 +671,88 @@ def test_copy_probe_runs_transformers_llama_of_the_same_shape(standin, tmp_path)
                      "--hidden-size", "32", "--heads", "2", "--segment", "4,8", "--batch-size", "2", "--out", str(out)])
     record = json.loads(out.read_text())
     assert record["args"]["implementation"] == "llama" and record["args"]["tie_word_embeddings"] is True
+
+
+def test_head_scores_are_their_definitions_on_transformers_llama_with_the_same_weights(standin, tmp_path, capsys):
+    """`python -m eval.heads` (RESULTS.md §1.0, §3): every column against loops written here over transformers' own
+    LlamaForCausalLM holding the same weights (eager attention, its own logits): the previous-token score, the
+    retrieval score at the induction sources of each passkey answer token, the induction score on repeat windows
+    (the unit found by comparing the window with itself shifted), and the repeat-set halves. PI with k = 1
+    computes plain RoPE's numbers; ReRoPE, which never forms the attention matrix, gets no attention columns."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from eval import heads
+    from longctx.data import corpus_splits
+
+    length = 400
+    argv = ["--model", str(standin["dir"]), "--corpus", str(standin["corpus"]), "--lengths", str(length),
+            "--variants", "baseline", "pi", "rerope", "--factors", "1", "4", "--windows", "2", "--trials", "2",
+            "--depths", "0", "1", "--output-dir", str(tmp_path), "--run", "h", "--no-progress"]
+    assert heads.main(argv) == 0
+    assert "attention heads that copy" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "h" / "heads.json").read_text())["rows"]
+    assert [(r["variant"], r["factor"]) for r in rows] == [("baseline", None), ("pi", 1.0), ("pi", 4.0),
+                                                           ("rerope", None)]
+    for key in ("passkey", "answer_nll", "first_half", "second_half"):
+        assert rows[1][key] == pytest.approx(rows[0][key], abs=1e-5)
+    scores = {i: torch.tensor(row["previous_token_by_head"]) for i, row in enumerate(rows[:3])}
+    torch.testing.assert_close(scores[1], scores[0], atol=1e-7, rtol=0)
+    assert (scores[2] - scores[0]).abs().max() > 1e-6  # k = 4 moves the neighbours apart (a random model: a little)
+    assert rows[3]["previous_token_by_head"] is None and rows[3]["retrieval_by_head"] is None
+    assert rows[3]["induction_by_head"] is None and rows[3]["second_half"] > 0
+    assert (tmp_path / "h" / "heads.md").read_text().startswith("# Attention heads that copy")
+
+    loaded = models.load_model(str(standin["dir"]))
+    ours, tokenizer = loaded.model, loaded.tokenizer
+    c = ours.config
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, rms_norm_eps=c.rms_norm_eps, max_position_embeddings=TRAIN_LEN,
+        tie_word_embeddings=c.tie_word_embeddings, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        attn_implementation="eager")).eval()
+    llama.load_state_dict(ours.state_dict())
+    bos = texts.leading_bos(tokenizer)
+    stream = texts.token_stream(tokenizer, corpus_splits(str(standin["corpus"]), seed=0)["test"])
+    previous = torch.zeros(c.num_hidden_layers, c.num_attention_heads)
+    with torch.no_grad():
+        for window in texts.chunked_windows(stream, length, "plain", 2, bos):
+            for layer, weights in enumerate(llama(window[None], output_attentions=True).attentions):
+                for i in range(1, length):
+                    previous[layer] += weights[0, :, i, i - 1] / (2 * (length - 1))
+        torch.testing.assert_close(torch.tensor(rows[0]["previous_token_by_head"]), previous, atol=1e-6, rtol=0)
+
+        retrieval, pairs = torch.zeros_like(previous), 0
+        keys = passkey.make_keys(2, 5, 0)
+        for depth in (0.0, 1.0):
+            for key, (ids, n_answer) in zip(keys, passkey.passkey_samples(tokenizer, keys, length, depth, bos)):
+                attentions = llama(torch.tensor([ids]), output_attentions=True).attentions
+                prompt_end = length - n_answer - len(passkey.answer_ids(tokenizer, key)[0])
+                for t in range(length - n_answer, length):
+                    sources = [j for j in range(1, prompt_end) if ids[j] == ids[t] and ids[j - 1] == ids[t - 1]]
+                    if sources:
+                        pairs += 1
+                        for layer, weights in enumerate(attentions):
+                            retrieval[layer] += weights[0, :, t - 1, sources].sum(-1)
+        assert pairs > 0
+        torch.testing.assert_close(torch.tensor(rows[0]["retrieval_by_head"]), retrieval / pairs, atol=1e-6, rtol=0)
+
+        repeat = texts.chunked_windows(stream, length, "repeat", 2, bos)
+        out = llama(repeat, output_attentions=True)
+        start = int(bos is not None)  # the unit's first token; the copy starts `unit` tokens later
+        unit = next(u for u in range(1, length) if torch.equal(repeat[:, start + u:], repeat[:, start:length - u]))
+        induction = torch.zeros_like(previous)
+        for p in range(start + unit, length - 1):  # attends to the token after the same token's first occurrence
+            for layer, weights in enumerate(out.attentions):
+                induction[layer] += weights[:, :, p, p - unit + 1].mean(0) / (length - 1 - start - unit)
+        torch.testing.assert_close(torch.tensor(rows[0]["induction_by_head"]), induction, atol=1e-6, rtol=0)
+        nll = F.cross_entropy(out.logits[:, :-1].transpose(1, 2), repeat[:, 1:], reduction="none")  # tokens 1..L-1
+        first = [nll[:, p - 1] for p in range(start + 1, start + unit)]  # each copy's first token is left out
+        second = [nll[:, p - 1] for p in range(start + unit + 1, length)]
+        assert rows[0]["first_half"] == pytest.approx(float(torch.stack(first).mean()), abs=1e-4)
+        assert rows[0]["second_half"] == pytest.approx(float(torch.stack(second).mean()), abs=1e-4)
+
+    assert run_cli(lambda: heads.main(argv[:6] + ["--variants", "nope"])) == 2
+    assert "unknown variant 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        heads.main(argv[:6] + ["--factors", "0.5"])

@@ -21,22 +21,18 @@ matrix, get no attention columns. Writes RUN_DIR/heads.{md,json}.
 
 import math
 import sys
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
-from longctx.data import progress_bars
 from longctx.rope import KEYS_BEFORE_ROPE, set_rope
 
 from . import report
-from .cli import eval_text, make_parser, parse_lengths, run_cli
-from .models import load_model
+from .cli import eval_text, make_parser, prepare, run_cli
 from .metrics import token_scores
 from .passkey import (add_prompt_arguments, answer_ids, check_prompt_arguments, make_keys, passkey_samples,
                       score_trials)
 from .texts import chunked_windows, leading_bos, token_stream
-from .variants import LOGN, SCALED_BY_K, VARIANTS, check_variants, make_settings, variant_scheme
+from .variants import LOGN, SCALED_BY_K, make_settings, variant_scheme
 
 def previous_token_scores(attentions) -> torch.Tensor:
     """(layers, heads): mean attention weight from each token i ≥ 1 to token i − 1, over windows and positions."""
@@ -129,20 +125,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    unknown = [v for v in args.variants if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variant {unknown[0]!r}; allowed: {', '.join(VARIANTS)}.")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
-    with progress_bars(not args.no_progress):
-        loaded = load_model(args.model, dtype, device, progress=not args.no_progress)
+    factors = args.factors or [args.factor or 8.0]
+    args.factor = factors[0]  # the settings `prepare` checks the variants with (no "k = 1" note: k is given)
+    session = prepare(args, "python -m eval.heads " + " ".join(sys.argv[1:] if argv is None else argv))
+    loaded, device, lengths = session.loaded, session.device, session.lengths
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     model.set_attn_implementation("eager")
-    lengths = parse_lengths(args.lengths, make_settings(model.config, 1).train_len)
-    factors = args.factors or [args.factor or 8.0]
-    probe = make_settings(model.config, max(lengths), factors[0], args.rerope_window, args.leaky_factor,
-                          args.dynamic, args.mixed_exponent)
-    variants = check_variants(args.variants, probe)
     documents, described = eval_text(args, loaded)
     bos = leading_bos(tokenizer)
     stream = token_stream(tokenizer, documents, max_tokens=args.windows * max(lengths))
@@ -157,7 +145,7 @@ def main(argv=None):
         for depth in args.depths:
             for key, (ids, n_answer) in zip(keys, passkey_samples(tokenizer, keys, length, depth, bos)):
                 samples.append((ids, n_answer, copy_sources(ids, n_answer, len(answer_ids(tokenizer, key)[0]))))
-        for variant in variants:
+        for variant in session.variants:
             for k in (factors if variant.removesuffix(LOGN) in SCALED_BY_K else [None]):
                 settings = make_settings(model.config, length, k, args.rerope_window, args.leaky_factor,
                                          args.dynamic, args.mixed_exponent)
@@ -166,11 +154,11 @@ def main(argv=None):
                              **measure(model, plain, repeat, samples, unit, offset)})
                 if not args.no_progress:
                     print(f"{variant} k={k} L={length}: passkey {rows[-1]['passkey']:.2f}", file=sys.stderr)
-    write(rows, args, loaded, described, variants)
+    write(rows, args, session, described)
     return 0
 
 
-def write(rows, args, loaded, described, variants):
+def write(rows, args, session, described):
     """Print the table (the first row's top heads followed in every row); write heads.{md,json}."""
     previous_head = top_head(rows[0]["previous_token_by_head"])
     retrieval_head = top_head(rows[0]["retrieval_by_head"])
@@ -186,12 +174,12 @@ def write(rows, args, loaded, described, variants):
              at(r["previous_token_by_head"], previous_head), at(r["retrieval_by_head"], retrieval_head),
              at(r["induction_by_head"], induction_head), round(r["first_half"], 3), round(r["second_half"], 3)]
             for r in rows]
-    print(f"{loaded.name}: attention heads that copy ({described})")
+    print(f"{session.loaded.name}: attention heads that copy ({described})")
     print(report.text_table(header, body))
-    run_dir = Path(args.output_dir) / (args.run or loaded.name)
-    protocol = {"command": "python -m eval.heads " + " ".join(sys.argv[1:]), "model": loaded.name,
-                "text": described, "windows": args.windows, "depths": args.depths, "trials": args.trials,
-                "variants": variants, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    run_dir = session.run_dir
+    protocol = {"command": session.command, "model": session.loaded.name, "text": described,
+                "windows": args.windows, "depths": args.depths, "trials": args.trials, "variants": session.variants,
+                "date": session.started}
     as_lists = [{key: (value.tolist() if isinstance(value, torch.Tensor) else value) for key, value in r.items()}
                 for r in rows]
     report.write_json(run_dir / "heads.json", {"protocol": protocol, "rows": as_lists})

@@ -8,7 +8,9 @@ a 16-symbol alphabet. A model that copies scores the second half far below the f
 
 Windows that reward copying (`--mode`): `repeat` — a text segment of `--segment` tokens repeated to fill the window;
 `random` — the same with uniform random ids, from an alphabet that may grow along `--curriculum`
-("16:100,64:200": 16 symbols up to step 100, then 64 up to step 200, then the whole vocabulary); `span` — one text
+("16:100,64:200": 16 symbols up to step 100, then 64 up to step 200, then the whole vocabulary; with
+`--fresh-alphabet` each window draws its own alphabet of that size from the whole vocabulary, so that only a match
+by token identity pays, not one learned for a fixed set of symbols); `span` — one text
 span copied later in the window (`train`'s `copy_fraction`, `longctx.data.add_copied_spans`). Writes one JSON line
 per evaluation to `--out`.
 """
@@ -70,7 +72,10 @@ class CopyWindows:
             if a.mode == "repeat":
                 row[:] = np.resize(row[:n].copy(), length)
             else:  # random
-                row[:] = np.resize(self.symbols[rng.integers(0, self.alphabet(step), n)], length)
+                symbols = self.symbols
+                if a.fresh_alphabet:
+                    symbols = rng.choice(self.symbols, self.alphabet(step), replace=False)
+                row[:] = np.resize(symbols[rng.integers(0, self.alphabet(step), n)], length)
         return torch.from_numpy(x)
 
 
@@ -114,6 +119,8 @@ def main(argv=None):
     p.add_argument("--fraction", type=float, default=0.5, help="windows rewritten to reward copying")
     p.add_argument("--segment", default="32,128", help="the repeated segment's length in tokens: MIN,MAX")
     p.add_argument("--curriculum", default="", help="`random` mode's alphabet by step: SIZE:LAST_STEP,...")
+    p.add_argument("--fresh-alphabet", action="store_true",
+                   help="`random` mode: each window draws its own alphabet from the whole vocabulary")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--vocab-size", type=int, default=4096)

@@ -9,6 +9,8 @@ score it, and the untuned base is scored with the same variants for the "before"
 k × L_train that training logs every few steps gives the curves against tokens. Writes OUT/study.{md,csv,json,png}.
 Finished runs and rows are kept: the same command resumes (train's own checkpoints, eval's row cache).
 `--seed N` repeats the fine-tuning runs with another order of windows, beside seed 0's (`...-seedN`), for the spread.
+`--passkey-fraction F` fine-tunes on windows of which F (not the preset's 1.0) carry a passkey span (`...-passkeyF`):
+with 0 the long-length data is plain text, as in Chen et al. and Peng et al., and retrieval at k × is only carried over.
 """
 
 import argparse
@@ -36,7 +38,15 @@ def train_command(base, variant, steps, args, out_dir) -> list[str]:
             "--eval-every", str(max(1, steps // 8)), "--eval-windows", "16", "--save-every", str(steps),
             "--model.rope_parameters", json.dumps(rope), "--out-dir", str(out_dir), "--progress", "false",
             "--seed", str(args.seed),
+            *(["--passkey-fraction", f"{args.passkey_fraction:g}"] if args.passkey_fraction is not None else []),
             *(["--corpus", args.corpus] if args.corpus else [])]
+
+
+def run_tag(args) -> str:
+    """The suffix of the runs, rows and study files of a seed or passkey fraction other than the preset's ("" for
+    seed 0 at the preset's fraction: the names the study always had)."""
+    seed = f"-seed{args.seed}" if args.seed else ""
+    return seed + (f"-passkey{args.passkey_fraction:g}" if args.passkey_fraction is not None else "")
 
 
 def run(command) -> float:
@@ -116,6 +126,9 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0,
                         help="train's seed: the order of the fine-tuning windows (not 0: runs, rows and study files "
                              "are named ...-seedN, beside seed 0's)")
+    parser.add_argument("--passkey-fraction", type=float, default=None, metavar="F",
+                        help="the fraction of fine-tuning windows with a passkey span (default: the preset's, 1.0; "
+                             "given, runs, rows and study files are named ...-passkeyF)")
     parser.add_argument("--runs", default="runs/finetune", type=Path, help="training runs go here")
     parser.add_argument("--out", default="results/finetune", type=Path, help="results go here")
     args = parser.parse_args(argv)
@@ -124,6 +137,8 @@ def parse_args(argv):
     if missing := [v for v in args.long_schemes if v not in args.schemes]:
         parser.error(f"--long-schemes {' '.join(missing)}: not in --schemes ({' '.join(args.schemes)}); a scheme's "
                      "second budget is beside its first")
+    if args.passkey_fraction is not None and not 0 <= args.passkey_fraction <= 1:
+        parser.error(f"--passkey-fraction {args.passkey_fraction:g}: expected a fraction in [0, 1]")
     return args
 
 
@@ -144,7 +159,7 @@ def main(argv=None) -> int:
     args.train_len = (config["rope_parameters"].get("original_max_position_embeddings")
                       or config["max_position_embeddings"])
     tokens_per_step = args.batch_size * args.train_len * int(args.factor)
-    tag = f"-seed{args.seed}" if args.seed else ""  # seed 0 keeps the names it always had
+    tag = run_tag(args)
     rows, curves = [], {}
     for variant in args.schemes:  # before fine-tuning: the same scheme applied to the base at inference only
         rows.append({"variant": variant, "steps": 0, "tokens": 0, "minutes": 0.0, "val_loss_long": None,

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import DAMAGED, damaged_copies
 
 from eval import extrapolation, metrics, models, passkey, report, texts
@@ -590,12 +591,16 @@ def test_the_finetune_study_trains_each_scheme_and_tables_it(standin, tmp_path, 
     assert (runs / "yarn-2-seed1" / "model" / "config.json").is_file() and (out / "study-seed1.json").is_file()
     assert json.loads((out / "study.json").read_text()) == study  # seed 0's study untouched, its minutes kept
     assert [r["minutes"] > 0 for r in study["rows"]] == [False, True]
+    assert finetune_study.main(argv + ["--passkey-fraction", "0"]) == 0  # plain text at k x: its own run
+    assert "--passkey-fraction 0 " in capsys.readouterr().out
+    trained = yaml.safe_load((runs / "yarn-2-passkey0" / "config.yaml").read_text())
+    assert trained["passkey_fraction"] == 0 and (out / "study-passkey0.json").is_file()
 
 
 def test_the_finetune_study_plans_the_second_budget_for_long_schemes_only(capsys):
     """Every scheme at the shared budget, then PI and YaRN (or `--long-schemes`) at the second; a long scheme not
-    fine-tuned at the first budget is refused by name."""
-    from eval.finetune_study import parse_args, plan_runs
+    fine-tuned at the first budget is refused by name; a seed or passkey fraction of its own names its runs."""
+    from eval.finetune_study import parse_args, plan_runs, run_tag
 
     assert plan_runs(parse_args([])) == [("pi", 40), ("ntk", 40), ("ntk-mixed", 40), ("yarn", 40),
                                          ("pi", 160), ("yarn", 160)]
@@ -606,13 +611,19 @@ def test_the_finetune_study_plans_the_second_budget_for_long_schemes_only(capsys
     with pytest.raises(SystemExit):
         parse_args(["--schemes", "yarn", "--long-schemes", "pi", "yarn"])
     assert "--long-schemes pi: not in --schemes (yarn)" in capsys.readouterr().err
+    assert [run_tag(parse_args(a)) for a in ([], ["--seed", "2"], ["--seed", "1", "--passkey-fraction", "0"],
+                                            ["--passkey-fraction", "0.5"])] == ["", "-seed2", "-seed1-passkey0",
+                                                                                  "-passkey0.5"]
+    with pytest.raises(SystemExit):
+        parse_args(["--passkey-fraction", "1.5"])
+    assert "--passkey-fraction 1.5: expected a fraction in [0, 1]" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", ["repeat", "random", "span"])
 def test_copy_probe_windows_reward_copying_and_the_run_logs_both_halves(standin, tmp_path, mode):
     """`python -m eval.copy_probe` (RESULTS.md section 3): each rewritten window holds what its mode says — a
-    segment tiled to fill it, ids from the curriculum's alphabet, or one span written again later — checked against
-    the window itself; a 3-step run logs the first and second half of each held-out repeat set."""
+    segment tiled to fill it, ids from the curriculum's alphabet (or, `--fresh-alphabet`, from one of that size drawn
+    for the window), or one span written again later — checked against the window itself; a 3-step run logs the first and second half of each held-out repeat set."""
     import argparse
 
     import numpy as np
@@ -620,7 +631,7 @@ def test_copy_probe_windows_reward_copying_and_the_run_logs_both_halves(standin,
     from eval import copy_probe
 
     args = argparse.Namespace(seed=0, curriculum="8:2", segment="4,8", seq_len=32, batch_size=64, fraction=1.0,
-                              mode=mode)
+                              mode=mode, fresh_alphabet=False)
     data = copy_probe.CopyWindows(np.arange(10_000) % 97 + 4, 300, 2, args)
     for step, alphabet in ((1, 8), (3, 296)):
         assert data.alphabet(step) == alphabet
@@ -632,6 +643,11 @@ def test_copy_probe_windows_reward_copying_and_the_run_logs_both_halves(standin,
             else:  # some n-token span occurs twice, the copy at or after the source's end
                 assert any(np.array_equal(row[s:s + n], row[t:t + n]) for n in range(4, 9)
                            for s in range(0, 33 - 2 * n) for t in range(s + n, 33 - n))
+    if mode == "random":  # --fresh-alphabet: each window its own 8 symbols, from the whole vocabulary
+        args.fresh_alphabet = True
+        rows = copy_probe.CopyWindows(np.arange(10_000) % 97 + 4, 300, 2, args).batch(1).numpy()
+        assert all(len(set(row)) <= 8 for row in rows) and np.isin(rows, data.symbols).all()
+        assert len(set(rows.ravel())) > 8 and not np.isin(rows, data.symbols[:8]).all()
     out = tmp_path / "probe.jsonl"
     copy_probe.main(["--corpus", str(standin["corpus"]), "--mode", mode, "--steps", "3", "--every", "2",
                      "--vocab-size", "300", "--seq-len", "32", "--layers", "1", "--hidden-size", "32", "--heads", "2",

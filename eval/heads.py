@@ -16,7 +16,8 @@ held-out text and on eval.passkey's prompt (RESULTS.md §1.0 and §3 read these)
   phrase (Olsson et al.'s prefix matching).
 The table follows the heads that score highest in the first row. Needs the attention weights: the model runs
 eager, one window at a time (L² × heads × layers floats); the ReRoPE variants, which never form the whole
-matrix, get no attention columns. Writes RUN_DIR/heads.{md,json}.
+matrix, get no attention columns; a length too short for the passkey prompt (a near-character vocabulary at
+L_train) gets no passkey or retrieval columns. Writes RUN_DIR/heads.{md,json}.
 """
 
 import math
@@ -31,7 +32,7 @@ from .cli import eval_text, make_parser, prepare, run_cli
 from .metrics import token_scores
 from .passkey import (add_prompt_arguments, answer_ids, check_prompt_arguments, make_keys, passkey_samples,
                       score_trials)
-from .texts import chunked_windows, leading_bos, token_stream
+from .texts import TextTooShort, chunked_windows, leading_bos, token_stream
 from .variants import LOGN, SCALED_BY_K, make_settings, variant_scheme
 
 def previous_token_scores(attentions) -> torch.Tensor:
@@ -86,7 +87,8 @@ def measure(model, plain, repeat, samples, unit, offset) -> dict:
                  for ids, _, sources in samples]
         found = [r for r in found if r is not None]
         retrieval = sum(found) / len(found) if found else None
-    accuracy, answer_nll = score_trials(model, [(ids, n_answer) for ids, n_answer, _ in samples])
+    accuracy, answer_nll = (score_trials(model, [(ids, n_answer) for ids, n_answer, _ in samples]) if samples
+                            else (None, None))
     first, second = halves(torch.cat([token_scores(model, w[None])[0] for w in repeat]), unit, offset)
     return {"passkey": accuracy, "answer_nll": answer_nll, "previous_token_by_head": previous,
             "retrieval_by_head": retrieval, "induction_by_head": induction, "first_half": first,
@@ -142,9 +144,13 @@ def main(argv=None):
         offset = int(bos is not None)
         unit = math.ceil((length - offset) / 2)  # eval.texts' repeat set: one unit written twice, cut to L
         samples = []
-        for depth in args.depths:
-            for key, (ids, n_answer) in zip(keys, passkey_samples(tokenizer, keys, length, depth, bos)):
-                samples.append((ids, n_answer, copy_sources(ids, n_answer, len(answer_ids(tokenizer, key)[0]))))
+        try:
+            for depth in args.depths:
+                for key, (ids, n_answer) in zip(keys, passkey_samples(tokenizer, keys, length, depth, bos)):
+                    samples.append((ids, n_answer, copy_sources(ids, n_answer, len(answer_ids(tokenizer, key)[0]))))
+        except TextTooShort as err:  # e.g. a near-character vocabulary at L_train: the rest is still measured
+            samples = []
+            print(f"L={length}: no passkey or retrieval columns: {err}", file=sys.stderr)
         for variant in session.variants:
             for k in (factors if variant.removesuffix(LOGN) in SCALED_BY_K else [None]):
                 settings = make_settings(model.config, length, k, args.rerope_window, args.leaky_factor,
@@ -153,7 +159,7 @@ def main(argv=None):
                 rows.append({"variant": variant, "factor": k, "length": length,
                              **measure(model, plain, repeat, samples, unit, offset)})
                 if not args.no_progress:
-                    print(f"{variant} k={k} L={length}: passkey {rows[-1]['passkey']:.2f}", file=sys.stderr)
+                    print(f"{variant} k={k} L={length}: passkey {rows[-1]['passkey']}", file=sys.stderr)
     write(rows, args, session, described)
     return 0
 
@@ -170,7 +176,11 @@ def write(rows, args, session, described):
     header = ["variant", "k", "length", "passkey %", "answer NLL", f"previous-token {name(previous_head)}",
               f"retrieval {name(retrieval_head)}", f"induction {name(induction_head)}", "repeat 1st half",
               "repeat 2nd half"]
-    body = [[r["variant"], r["factor"] or "–", r["length"], round(100 * r["passkey"]), round(r["answer_nll"], 2),
+    def rounded(x, digits=0, scale=1):
+        return "–" if x is None else round(scale * x, digits)
+
+    body = [[r["variant"], r["factor"] or "–", r["length"], rounded(r["passkey"], scale=100),
+             rounded(r["answer_nll"], 2),
              at(r["previous_token_by_head"], previous_head), at(r["retrieval_by_head"], retrieval_head),
              at(r["induction_by_head"], induction_head), round(r["first_half"], 3), round(r["second_half"], 3)]
             for r in rows]

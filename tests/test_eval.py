@@ -694,7 +694,8 @@ def test_head_scores_are_their_definitions_on_transformers_llama_with_the_same_w
     LlamaForCausalLM holding the same weights (eager attention, its own logits): the previous-token score, the
     retrieval score at the induction sources of each passkey answer token, the induction score on repeat windows
     (the unit found by comparing the window with itself shifted), and the repeat-set halves. PI with k = 1
-    computes plain RoPE's numbers; ReRoPE, which never forms the attention matrix, gets no attention columns."""
+    computes plain RoPE's numbers; ReRoPE, which never forms the attention matrix, gets no attention columns; a length
+    too short for the passkey prompt gets no passkey columns and keeps the rest."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from eval import heads
@@ -767,6 +768,13 @@ def test_head_scores_are_their_definitions_on_transformers_llama_with_the_same_w
         second = [nll[:, p - 1] for p in range(start + unit + 1, length)]
         assert rows[0]["first_half"] == pytest.approx(float(torch.stack(first).mean()), abs=1e-4)
         assert rows[0]["second_half"] == pytest.approx(float(torch.stack(second).mean()), abs=1e-4)
+
+    short = argv[:4] + ["--lengths", "200", "--variants", "baseline", *argv[10:]]  # the prompt needs 239 tokens
+    assert heads.main(short) == 0
+    assert "L=200: no passkey or retrieval columns" in capsys.readouterr().err
+    (row,) = json.loads((tmp_path / "h" / "heads.json").read_text())["rows"]
+    assert row["passkey"] is None and row["retrieval_by_head"] is None and row["answer_nll"] is None
+    assert row["second_half"] > 0 and len(row["induction_by_head"]) == c.num_hidden_layers
 
     assert run_cli(lambda: heads.main(argv[:6] + ["--variants", "nope"])) == 2
     assert "unknown variant 'nope'" in capsys.readouterr().err

@@ -72,10 +72,9 @@ class CopyWindows:
             if a.mode == "repeat":
                 row[:] = np.resize(row[:n].copy(), length)
             else:  # random
-                symbols = self.symbols
-                if a.fresh_alphabet:
-                    symbols = rng.choice(self.symbols, self.alphabet(step), replace=False)
-                row[:] = np.resize(symbols[rng.integers(0, self.alphabet(step), n)], length)
+                size = self.alphabet(step)
+                symbols = rng.choice(self.symbols, size, replace=False) if a.fresh_alphabet else self.symbols
+                row[:] = np.resize(symbols[rng.integers(0, size, n)], length)
         return torch.from_numpy(x)
 
 

@@ -176,6 +176,7 @@ def write(rows, args, session, described):
     header = ["variant", "k", "length", "passkey %", "answer NLL", f"previous-token {name(previous_head)}",
               f"retrieval {name(retrieval_head)}", f"induction {name(induction_head)}", "repeat 1st half",
               "repeat 2nd half"]
+
     def rounded(x, digits=0, scale=1):
         return "–" if x is None else round(scale * x, digits)
 

@@ -623,7 +623,8 @@ def test_the_finetune_study_plans_the_second_budget_for_long_schemes_only(capsys
 def test_copy_probe_windows_reward_copying_and_the_run_logs_both_halves(standin, tmp_path, mode):
     """`python -m eval.copy_probe` (RESULTS.md section 3): each rewritten window holds what its mode says — a
     segment tiled to fill it, ids from the curriculum's alphabet (or, `--fresh-alphabet`, from one of that size drawn
-    for the window), or one span written again later — checked against the window itself; a 3-step run logs the first and second half of each held-out repeat set."""
+    for the window), or one span written again later — checked against the window itself; a 3-step run logs the
+    first and second half of each held-out repeat set."""
     import argparse
 
     import numpy as np

@@ -37,7 +37,7 @@ def train_command(base, variant, steps, args, out_dir) -> list[str]:
             "--lr", str(args.lr), "--min-lr", str(args.lr / 10), "--warmup-steps", str(max(1, steps // 10)),
             "--eval-every", str(max(1, steps // 8)), "--eval-windows", "16", "--save-every", str(steps),
             "--model.rope_parameters", json.dumps(rope), "--out-dir", str(out_dir), "--progress", "false",
-            "--seed", str(args.seed),
+            "--seed", str(args.seed), "--passkey-from-step", "0",  # the preset's copying-first schedule is for scratch
             *(["--passkey-fraction", f"{args.passkey_fraction:g}"] if args.passkey_fraction is not None else []),
             *(["--corpus", args.corpus] if args.corpus else [])]
 

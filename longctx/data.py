@@ -405,6 +405,7 @@ def add_copied_spans(windows, fraction: float, span: tuple[int, int], seed: int,
 PASSKEY_NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 PASSKEY_QUESTION = " What is the pass key? The pass key is"
 PASSKEY_DIGITS = (3, 7)  # training keys have 3 to 7 digits (the eval's default is 5)
+PASSKEY_STREAM = 1  # the passkey draws' own random stream: independent of a copied span's in the same window
 
 
 def passkey_spans(batch, indices, fraction, seed, tokenizer):
@@ -413,7 +414,7 @@ def passkey_spans(batch, indices, fraction, seed, tokenizer):
     length, eos_id = ids.shape[1], tokenizer.eos_token_id
     space = tokenizer(" ", add_special_tokens=False)["input_ids"][-1]
     for row, index in enumerate(indices):
-        rng = np.random.default_rng((seed, index))  # per window: the same windows whatever the batching
+        rng = np.random.default_rng((seed, index, PASSKEY_STREAM))  # per window, whatever the batching
         if rng.random() >= fraction:
             continue
         digits = int(rng.integers(PASSKEY_DIGITS[0], PASSKEY_DIGITS[1] + 1))

@@ -274,6 +274,21 @@ def test_passkey_spans_write_the_needle_then_its_question_and_answer(tokenizer_d
         data.add_passkey_spans(packed, 1.5, 0, tokenizer)
 
 
+def test_passkey_spans_are_placed_independently_of_copied_spans(tokenizer_dir, shakespeare):
+    """A window with both a copied span and a passkey span draws their places from separate random streams: where
+    the needle starts is uncorrelated with where the copy is written (one shared stream ties them together)."""
+    tokenizer = data.load_tokenizer(tokenizer_dir)
+    packed = data.pack_windows(tokenizer, [play[:30000] for play in shakespeare["train"][:8]], 128)
+    copied = data.add_copied_spans(packed, 1.0, (8, 16), 0, tokenizer.eos_token_id)
+    both = data.add_passkey_spans(copied, 1.0, 0, tokenizer)[:]["input_ids"].numpy()
+    plain, copies = packed[:]["input_ids"].numpy(), copied[:]["input_ids"].numpy()
+    targets = (copies != plain).argmax(axis=1)  # the copy's first changed token
+    needles = (both != copies).argmax(axis=1)
+    keep = (copies != plain).any(axis=1)
+    assert keep.sum() > 100
+    assert abs(np.corrcoef(targets[keep], needles[keep])[0, 1]) < 0.25
+
+
 def _spans(token_ids, width, count, rng):
     starts = rng.sample(range(0, len(token_ids) - width), min(count, len(token_ids) - width))
     return [",".join(map(str, token_ids[s:s + width])) for s in starts]

@@ -580,6 +580,8 @@ def test_the_finetune_study_trains_each_scheme_and_tables_it(standin, tmp_path, 
     config = json.loads((runs / "yarn-2" / "model" / "config.json").read_text())
     assert config["rope_parameters"]["rope_type"] == "yarn" and config["rope_parameters"]["factor"] == 8
     assert config["rope_parameters"]["original_max_position_embeddings"] == TRAIN_LEN
+    recorded = yaml.safe_load((runs / "yarn-2" / "config.yaml").read_text())
+    assert recorded["passkey_fraction"] == 1.0 and recorded["passkey_from_step"] == 0  # passkey spans from step 0
     assert (out / "study.png").stat().st_size > 0 and "| yarn | 2 |" in (out / "study.md").read_text()
     capsys.readouterr()
     assert finetune_study.main(argv) == 0  # finished runs are kept: nothing trains again

@@ -205,6 +205,7 @@ def test_two_cpu_processes_match_one_at_the_same_global_batch(tmp_path, corpus):
     # copied-span augmentation (longctx.data.add_copied_spans)
     (["--copy_fraction", "1.5"], r"`copy_fraction`=1.5 is invalid"),
     (["--passkey_fraction", "-0.1"], r"`passkey_fraction`=-0.1 is invalid"),
+    (["--passkey_from_step", "-1"], r"`passkey_from_step`=-1 is invalid; expected an integer >= 0"),
     (["--copy_span", "[8]"], r"`copy_span`=\[8\] is invalid; expected \[min, max\] tokens"),
     (["--copy_span", "[40, 20]"], r"`copy_span`=\[40, 20\] is invalid"),
     (["--copy_span", "[8, 100]", "--copy_fraction", "0.5"], r"`copy_span`=\[8, 100\] is invalid; .* <= seq_len / 2"),
@@ -451,6 +452,35 @@ def test_length_extension_from_a_trained_model(trained, corpus, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_passkey_from_step_trains_on_the_plain_windows_first_then_on_the_passkey_ones(corpus, tmp_path):
+    """passkey_from_step = 3: steps 0-2 log the losses of a run without passkey spans (same init, same rows), step
+    3 on those of the passkey windows; the windows it switches between differ only by their passkey spans, and a
+    resume checks both sets."""
+    from train.loop import setup
+    from train.config import resolve_config
+
+    def run(name, **overrides):
+        train.run_training(micro(tmp_path / name, corpus, seq_len=128, copy_fraction=1.0, copy_span=[8, 16],
+                                 max_steps=5, **overrides))
+        return [loss for _, loss in losses(tmp_path / name)]
+
+    plain = run("plain")
+    switched = run("switched", passkey_fraction=1.0, passkey_from_step=3)
+    always = run("always", passkey_fraction=1.0)
+    assert switched[:3] == plain[:3] and switched[3] != plain[3]
+    assert always[0] != plain[0]
+    data = setup(resolve_config(micro(tmp_path / "setup", corpus, seq_len=128, copy_fraction=1.0,
+                                      copy_span=[8, 16], passkey_fraction=1.0, passkey_from_step=3))).data
+    early, late = data.windows(2)[:]["input_ids"], data.windows(3)[:]["input_ids"]
+    assert data.windows(0) is data.windows(2) and data.windows(3) is data.windows(100) is data.train
+    def holds(row):
+        return "Remember it." in data.tokenizer.decode(row)
+    assert not any(holds(row) for row in early.tolist()) and all(holds(row) for row in late.tolist())
+    assert (early != late).any(dim=1).all() and data.fingerprint != setup(resolve_config(
+        micro(tmp_path / "setup0", corpus, seq_len=128, copy_fraction=1.0, copy_span=[8, 16],
+              passkey_fraction=1.0))).data.fingerprint
+
+
 def test_lora_fine_tuning_saves_a_merged_plain_model(trained, corpus, tmp_path):
     _, source = trained
     config = micro(tmp_path / "lora", corpus, init_from=str(source), max_steps=3, lr=1e-2, warmup_steps=1,
@@ -468,7 +498,7 @@ def test_lora_fine_tuning_saves_a_merged_plain_model(trained, corpus, tmp_path):
 def test_presets_resolve_and_have_their_sizes():
     from longctx import LongCtxConfig
 
-    expected = {"tiny": (1e6, 5e6), "small": (5e6, 40e6), "125m": (115e6, 135e6), "350m": (330e6, 370e6)}
+    expected = {"tiny": (0.5e6, 5e6), "small": (5e6, 40e6), "125m": (115e6, 135e6), "350m": (330e6, 370e6)}
     for name in train.PRESETS:
         config = train.load_preset(name)
         assert config["seq_len"] % config["seq_len_multiple"] == 0
@@ -498,7 +528,7 @@ def test_cli_overrides_are_parsed_as_yaml():
 
 
 @pytest.mark.slow
-def test_tiny_preset_beats_the_unigram_entropy(tmp_path):
+def test_tiny_preset_beats_the_unigram_entropy_retrieves_and_copies(tmp_path):
     config = {**train.load_preset("tiny"), "out_dir": str(tmp_path / "tiny"), "progress": False}
     started = time.time()
     model_dir = train.run_training(config)
@@ -516,6 +546,17 @@ def test_tiny_preset_beats_the_unigram_entropy(tmp_path):
     for depth in (0.0, 0.5, 1.0):
         accuracy, _ = score_trials(model, passkey_samples(tokenizer, make_keys(8, 5, 0), config["seq_len"], depth))
         assert accuracy >= 0.75, (depth, accuracy)
+    # ... and it copies: held-out text written twice, the second copy's loss far below the first's (cross-entropy
+    # written out here, per token)
+    half = config["seq_len"] // 2
+    stream = torch.tensor(tokenizer.sp_model.encode("\n".join(splits["test"]))[:16 * half]).view(16, half)
+    ids = torch.cat([stream, stream], dim=1)
+    with torch.no_grad():
+        logits = model(ids).logits[:, :-1].log_softmax(-1)
+    nll = -logits.gather(-1, ids[:, 1:, None])[..., 0]
+    first, second = nll[:, :half - 1].mean().item(), nll[:, half:].mean().item()
+    print(f"tiny: repeat halves {first:.3f} / {second:.3f} nats")
+    assert second < first - 1.0
 
 
 @pytest.mark.slow

@@ -73,6 +73,8 @@ class TrainConfig:
                             choices=COPY_SOURCES)
     passkey_fraction: float = _key(0.0, "training windows with a passkey needle and, later, its question and answer "
                                         "(longctx.data.add_passkey_spans)", minimum=0.0, maximum=1.0)
+    passkey_from_step: int = _key(0, "steps before this one draw the same windows without passkey spans (copying "
+                                     "first, then retrieval: RESULTS.md section 3)", minimum=0)
     model: dict = _key({}, "LongCtxConfig fields: architecture and position scheme")
     attn_implementation: str = _key("sdpa", "the attention backend", choices=ATTN_IMPLEMENTATIONS)
     gradient_checkpointing: bool = _key(False, "recompute activations in the backward pass: less memory, slower")

@@ -325,6 +325,12 @@ class Data:
     validation: object
     order: BatchOrder
     fingerprint: str  # of the training windows: a resume on other data is refused
+    early: object = None  # the windows of the steps before `switch_step` (passkey_from_step), or None
+    switch_step: int = 0
+
+    def windows(self, step: int):
+        """The windows that global step `step` draws its rows from."""
+        return self.early if self.early is not None and step < self.switch_step else self.train
 
 
 @dataclass
@@ -432,7 +438,8 @@ def setup(config) -> Run:
         print(f"train: {len(data.train)} windows x {config['seq_len']} tokens, validation {len(data.validation)}; "
               f"{n_params / 1e6:.2f}M parameters; {world} process(es) x {run.accumulation} micro-batch(es) of "
               f"{config['micro_batch_size']} ({accelerator.distributed_type.value}, {accelerator.device}); "
-              f"{'resuming at step ' + str(run.step) if run.step else 'from step 0'}",
+              f"{'resuming at step ' + str(run.step) if run.step else 'from step 0'}"
+              f"{'; passkey spans from step ' + str(data.switch_step) if data.early is not None else ''}",
               flush=True)
     return run
 
@@ -442,9 +449,11 @@ def build_data(config, tokenizer, splits) -> Data:
     seq_len = config["seq_len"]
     first_id = max(tokenizer.all_special_ids, default=-1) + 1  # random spans draw ordinary tokens only
     random_tokens = (first_id, len(tokenizer) - 1) if config["copy_source"] == "random" else None
-    train_windows = add_copied_spans(pack_windows(tokenizer, splits["train"], seq_len), config["copy_fraction"],
-                                     config["copy_span"], config["seed"], tokenizer.eos_token_id, random_tokens)
-    train_windows = add_passkey_spans(train_windows, config["passkey_fraction"], config["seed"], tokenizer)
+    copy_windows = add_copied_spans(pack_windows(tokenizer, splits["train"], seq_len), config["copy_fraction"],
+                                    config["copy_span"], config["seed"], tokenizer.eos_token_id, random_tokens)
+    train_windows = add_passkey_spans(copy_windows, config["passkey_fraction"], config["seed"], tokenizer)
+    # passkey_from_step: the steps before it draw the same windows without their passkey spans
+    early = copy_windows if config["passkey_from_step"] > 0 and train_windows is not copy_windows else None
     val_windows = pack_windows(tokenizer, splits["validation"], seq_len)
     if len(train_windows) < config["batch_size"]:
         raise ConfigError(f"corpus {config['corpus']!r}: the train split gives {len(train_windows)} windows of "
@@ -453,7 +462,8 @@ def build_data(config, tokenizer, splits) -> Data:
         raise ConfigError(f"corpus {config['corpus']!r}: the validation split is shorter than one window of "
                           f"seq_len={seq_len}")
     order = BatchOrder(len(train_windows), config["batch_size"], config["seed"])
-    return Data(tokenizer, train_windows, val_windows, order, fingerprint(train_windows))
+    digest = fingerprint(train_windows) if early is None else fingerprint(early) + fingerprint(train_windows)
+    return Data(tokenizer, train_windows, val_windows, order, digest, early, config["passkey_from_step"])
 
 
 def build_training(config, accelerator, model):
@@ -511,7 +521,7 @@ def train_step(run: Run) -> dict:
     lr = run.scheduler.get_last_lr()[0]
     losses, cp = [], config["context_parallel"]
     for micro in range(run.accumulation):
-        batch = run.data.train[rows[micro * micro_batch:(micro + 1) * micro_batch]]
+        batch = run.data.windows(run.step)[rows[micro * micro_batch:(micro + 1) * micro_batch]]
         sync = nullcontext() if micro == run.accumulation - 1 else accelerator.no_sync(model)
         if cp > 1:  # this process's shard of each sequence (train/context_parallel.py)
             with sync, context_parallel_step(accelerator, batch, cp) as inputs:

@@ -49,6 +49,20 @@ def run_tag(args) -> str:
     return seed + (f"-passkey{args.passkey_fraction:g}" if args.passkey_fraction is not None else "")
 
 
+def check_kept_runs(base, run_dirs):
+    """Runs kept from before must be of this base (a changed preset makes a new default, a new base): else stop, naming
+    the run, its source and what to do."""
+    import yaml
+
+    for run_dir in run_dirs:
+        trained_config = Path(run_dir) / "config.yaml"
+        if trained_config.is_file():
+            source = (yaml.safe_load(trained_config.read_text()) or {}).get("init_from")
+            if source is not None and Path(source).resolve() != Path(base).resolve():
+                raise SystemExit(f"eval.finetune_study: {run_dir} was fine-tuned from {source}, not from the base "
+                                 f"{base}; pass --runs DIR (and --out DIR) for this base's runs, or remove {run_dir}")
+
+
 def run(command) -> float:
     """Run `command` (printed first), fail loudly; returns its minutes."""
     print("$ " + shlex.join(command), flush=True)
@@ -160,6 +174,7 @@ def main(argv=None) -> int:
                       or config["max_position_embeddings"])
     tokens_per_step = args.batch_size * args.train_len * int(args.factor)
     tag = run_tag(args)
+    check_kept_runs(base, [args.runs / f"{variant}-{steps}{tag}" for variant, steps in plan_runs(args)])
     rows, curves = [], {}
     for variant in args.schemes:  # before fine-tuning: the same scheme applied to the base at inference only
         rows.append({"variant": variant, "steps": 0, "tokens": 0, "minutes": 0.0, "val_loss_long": None,

@@ -531,6 +531,9 @@ def test_make_demo_command_on_the_real_default_model(tmp_path):
     assert {r["variant"] for r in rows} == set(VARIANTS)
     baseline = {(r["length"], r["set"]): r for r in rows if r["variant"] == "baseline"}
     assert baseline[(256, "plain")]["perplexity"] < baseline[(4096, "plain")]["perplexity"]  # RoPE fails to extrapolate
+    repeat = {(r["variant"], r["length"]): r["perplexity"] for r in rows if r["set"] == "repeat"}
+    assert repeat[("baseline", 256)] < 0.6 * baseline[(256, "plain")]["perplexity"]  # it copies at L_train ...
+    assert repeat[("leaky-rerope+logn", 4096)] < 0.5 * repeat[("baseline", 4096)]  # ... and past it, under ReRoPE
     # make demo's second command, on the cached default: it retrieves at L_train, and Leaky ReRoPE + logn past it
     out = subprocess.run([sys.executable, "-m", "eval.passkey", "--model", "default", "--lengths", "1x", "2x",
                           "--depths", "0", "0.5", "1", "--variants", "baseline", "leaky-rerope+logn", "--output-dir",
@@ -597,6 +600,10 @@ def test_the_finetune_study_trains_each_scheme_and_tables_it(standin, tmp_path, 
     assert "--passkey-fraction 0 " in capsys.readouterr().out
     trained = yaml.safe_load((runs / "yarn-2-passkey0" / "config.yaml").read_text())
     assert trained["passkey_fraction"] == 0 and (out / "study-passkey0.json").is_file()
+    other = tmp_path / "other-base"  # another base (a new default) never reuses these runs
+    shutil.copytree(standin["dir"], other)
+    with pytest.raises(SystemExit, match=r"yarn-2 was fine-tuned from .*, not from the base .*other-base; pass --runs"):
+        finetune_study.main([a if a != str(standin["dir"]) else str(other) for a in argv])
 
 
 def test_the_finetune_study_plans_the_second_budget_for_long_schemes_only(capsys):

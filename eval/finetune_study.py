@@ -9,8 +9,9 @@ score it, and the untuned base is scored with the same variants for the "before"
 k × L_train that training logs every few steps gives the curves against tokens. Writes OUT/study.{md,csv,json,png}.
 Finished runs and rows are kept: the same command resumes (train's own checkpoints, eval's row cache).
 `--seed N` repeats the fine-tuning runs with another order of windows, beside seed 0's (`...-seedN`), for the spread.
-`--passkey-fraction F` fine-tunes on windows of which F (not the preset's 1.0) carry a passkey span (`...-passkeyF`):
-with 0 the long-length data is plain text, as in Chen et al. and Peng et al., and retrieval at k × is only carried over.
+`--passkey-fraction F` and `--copy-fraction F` fine-tune on windows of which F (not the preset's 1.0) carry a passkey
+span or a copied span (`...-passkeyF`, `...-copyF`): with both 0 the long-length data is plain text, as in Chen et al.
+and Peng et al., and retrieval at k × is only carried over.
 """
 
 import argparse
@@ -39,14 +40,16 @@ def train_command(base, variant, steps, args, out_dir) -> list[str]:
             "--model.rope_parameters", json.dumps(rope), "--out-dir", str(out_dir), "--progress", "false",
             "--seed", str(args.seed), "--passkey-from-step", "0",  # the preset's copying-first schedule is for scratch
             *(["--passkey-fraction", f"{args.passkey_fraction:g}"] if args.passkey_fraction is not None else []),
+            *(["--copy-fraction", f"{args.copy_fraction:g}"] if args.copy_fraction is not None else []),
             *(["--corpus", args.corpus] if args.corpus else [])]
 
 
 def run_tag(args) -> str:
-    """The suffix of the runs, rows and study files of a seed or passkey fraction other than the preset's ("" for
-    seed 0 at the preset's fraction: the names the study always had)."""
+    """The suffix of the runs, rows and study files of a seed, passkey or copy fraction other than the preset's (""
+    for seed 0 at the preset's fractions: the names the study always had)."""
     seed = f"-seed{args.seed}" if args.seed else ""
-    return seed + (f"-passkey{args.passkey_fraction:g}" if args.passkey_fraction is not None else "")
+    return (seed + (f"-passkey{args.passkey_fraction:g}" if args.passkey_fraction is not None else "")
+            + (f"-copy{args.copy_fraction:g}" if args.copy_fraction is not None else ""))
 
 
 def check_kept_runs(base, run_dirs):
@@ -143,6 +146,9 @@ def parse_args(argv):
     parser.add_argument("--passkey-fraction", type=float, default=None, metavar="F",
                         help="the fraction of fine-tuning windows with a passkey span (default: the preset's, 1.0; "
                              "given, runs, rows and study files are named ...-passkeyF)")
+    parser.add_argument("--copy-fraction", type=float, default=None, metavar="F",
+                        help="the fraction of fine-tuning windows with a copied span (default: the preset's, 1.0; "
+                             "given, named ...-copyF; with --passkey-fraction 0, 0 is plain text)")
     parser.add_argument("--runs", default="runs/finetune", type=Path, help="training runs go here")
     parser.add_argument("--out", default="results/finetune", type=Path, help="results go here")
     args = parser.parse_args(argv)
@@ -151,8 +157,9 @@ def parse_args(argv):
     if missing := [v for v in args.long_schemes if v not in args.schemes]:
         parser.error(f"--long-schemes {' '.join(missing)}: not in --schemes ({' '.join(args.schemes)}); a scheme's "
                      "second budget is beside its first")
-    if args.passkey_fraction is not None and not 0 <= args.passkey_fraction <= 1:
-        parser.error(f"--passkey-fraction {args.passkey_fraction:g}: expected a fraction in [0, 1]")
+    for flag, value in (("--passkey-fraction", args.passkey_fraction), ("--copy-fraction", args.copy_fraction)):
+        if value is not None and not 0 <= value <= 1:
+            parser.error(f"{flag} {value:g}: expected a fraction in [0, 1]")
     return args
 
 

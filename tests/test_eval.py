@@ -596,10 +596,11 @@ def test_the_finetune_study_trains_each_scheme_and_tables_it(standin, tmp_path, 
     assert (runs / "yarn-2-seed1" / "model" / "config.json").is_file() and (out / "study-seed1.json").is_file()
     assert json.loads((out / "study.json").read_text()) == study  # seed 0's study untouched, its minutes kept
     assert [r["minutes"] > 0 for r in study["rows"]] == [False, True]
-    assert finetune_study.main(argv + ["--passkey-fraction", "0"]) == 0  # plain text at k x: its own run
-    assert "--passkey-fraction 0 " in capsys.readouterr().out
-    trained = yaml.safe_load((runs / "yarn-2-passkey0" / "config.yaml").read_text())
-    assert trained["passkey_fraction"] == 0 and (out / "study-passkey0.json").is_file()
+    assert finetune_study.main(argv + ["--passkey-fraction", "0", "--copy-fraction", "0"]) == 0  # plain text at k x
+    assert "--passkey-fraction 0 --copy-fraction 0 " in capsys.readouterr().out
+    trained = yaml.safe_load((runs / "yarn-2-passkey0-copy0" / "config.yaml").read_text())
+    assert trained["passkey_fraction"] == 0 and trained["copy_fraction"] == 0
+    assert (out / "study-passkey0-copy0.json").is_file()
     other = tmp_path / "other-base"  # another base (a new default) never reuses these runs
     shutil.copytree(standin["dir"], other)
     with pytest.raises(SystemExit, match=r"yarn-2 was fine-tuned from .*, not from the base .*other-base; pass --runs"):
@@ -608,7 +609,7 @@ def test_the_finetune_study_trains_each_scheme_and_tables_it(standin, tmp_path, 
 
 def test_the_finetune_study_plans_the_second_budget_for_long_schemes_only(capsys):
     """Every scheme at the shared budget, then PI and YaRN (or `--long-schemes`) at the second; a long scheme not
-    fine-tuned at the first budget is refused by name; a seed or passkey fraction of its own names its runs."""
+    fine-tuned at the first budget is refused by name; a seed, passkey or copy fraction of its own names its runs."""
     from eval.finetune_study import parse_args, plan_runs, run_tag
 
     assert plan_runs(parse_args([])) == [("pi", 40), ("ntk", 40), ("ntk-mixed", 40), ("yarn", 40),
@@ -621,11 +622,13 @@ def test_the_finetune_study_plans_the_second_budget_for_long_schemes_only(capsys
         parse_args(["--schemes", "yarn", "--long-schemes", "pi", "yarn"])
     assert "--long-schemes pi: not in --schemes (yarn)" in capsys.readouterr().err
     assert [run_tag(parse_args(a)) for a in ([], ["--seed", "2"], ["--seed", "1", "--passkey-fraction", "0"],
-                                            ["--passkey-fraction", "0.5"])] == ["", "-seed2", "-seed1-passkey0",
-                                                                                  "-passkey0.5"]
-    with pytest.raises(SystemExit):
-        parse_args(["--passkey-fraction", "1.5"])
-    assert "--passkey-fraction 1.5: expected a fraction in [0, 1]" in capsys.readouterr().err
+                                            ["--passkey-fraction", "0.5"], ["--passkey-fraction", "0",
+                                                                            "--copy-fraction", "0"])] == [
+        "", "-seed2", "-seed1-passkey0", "-passkey0.5", "-passkey0-copy0"]
+    for flag in ("--passkey-fraction", "--copy-fraction"):
+        with pytest.raises(SystemExit):
+            parse_args([flag, "1.5"])
+        assert f"{flag} 1.5: expected a fraction in [0, 1]" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", ["repeat", "random", "span"])

@@ -459,9 +459,12 @@ def test_passkey_from_step_trains_on_the_plain_windows_first_then_on_the_passkey
     from train.loop import setup
     from train.config import resolve_config
 
+    def config(name, **overrides):
+        return micro(tmp_path / name, corpus, seq_len=128, copy_fraction=1.0, copy_span=[8, 16], max_steps=5,
+                     **overrides)
+
     def run(name, **overrides):
-        train.run_training(micro(tmp_path / name, corpus, seq_len=128, copy_fraction=1.0, copy_span=[8, 16],
-                                 max_steps=5, **overrides))
+        train.run_training(config(name, **overrides))
         return [loss for _, loss in losses(tmp_path / name)]
 
     plain = run("plain")
@@ -469,16 +472,14 @@ def test_passkey_from_step_trains_on_the_plain_windows_first_then_on_the_passkey
     always = run("always", passkey_fraction=1.0)
     assert switched[:3] == plain[:3] and switched[3] != plain[3]
     assert always[0] != plain[0]
-    data = setup(resolve_config(micro(tmp_path / "setup", corpus, seq_len=128, copy_fraction=1.0,
-                                      copy_span=[8, 16], passkey_fraction=1.0, passkey_from_step=3))).data
+    data = setup(resolve_config(config("setup", passkey_fraction=1.0, passkey_from_step=3))).data
     early, late = data.windows(2)[:]["input_ids"], data.windows(3)[:]["input_ids"]
     assert data.windows(0) is data.windows(2) and data.windows(3) is data.windows(100) is data.train
     def holds(row):
         return "Remember it." in data.tokenizer.decode(row)
     assert not any(holds(row) for row in early.tolist()) and all(holds(row) for row in late.tolist())
-    assert (early != late).any(dim=1).all() and data.fingerprint != setup(resolve_config(
-        micro(tmp_path / "setup0", corpus, seq_len=128, copy_fraction=1.0, copy_span=[8, 16],
-              passkey_fraction=1.0))).data.fingerprint
+    assert (early != late).any(dim=1).all()
+    assert data.fingerprint != setup(resolve_config(config("setup0", passkey_fraction=1.0))).data.fingerprint
 
 
 def test_lora_fine_tuning_saves_a_merged_plain_model(trained, corpus, tmp_path):

@@ -453,7 +453,7 @@ def build_data(config, tokenizer, splits) -> Data:
                                     config["copy_span"], config["seed"], tokenizer.eos_token_id, random_tokens)
     train_windows = add_passkey_spans(copy_windows, config["passkey_fraction"], config["seed"], tokenizer)
     # passkey_from_step: the steps before it draw the same windows without their passkey spans
-    early = copy_windows if config["passkey_from_step"] > 0 and train_windows is not copy_windows else None
+    early = copy_windows if config["passkey_from_step"] > 0 and config["passkey_fraction"] > 0 else None
     val_windows = pack_windows(tokenizer, splits["validation"], seq_len)
     if len(train_windows) < config["batch_size"]:
         raise ConfigError(f"corpus {config['corpus']!r}: the train split gives {len(train_windows)} windows of "
